@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -34,7 +35,9 @@ def _train(nproc: int, args: list[str], cwd: Path) -> subprocess.CompletedProces
 def runs(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     data = write_jsonl(root / "pairs.jsonl", synthetic_pairs(75))  # 75 pairs: the epoch ends on a ragged global batch
-    common = [f"model.name_or_path={tiny_model('llama')}", f"data.train=[{data}]", "train.learning_rate=1e-3",
+    val = write_jsonl(root / "val.jsonl", synthetic_pairs(21, seed=1))  # 21: processes get unequal validation batches
+    common = [f"model.name_or_path={tiny_model('llama')}", f"data.train=[{data}]", f"data.validation=[{val}]",
+              "train.learning_rate=1e-3",
               "data.cache_dir=none", "train.epochs=1", "train.log_steps=1", "train.save_steps=4", "train.save_total_limit=0"]
     _train(1, common + ["train.batch_size=8", f"output_dir={root / 'one'}"], root)
     two = _train(2, common + ["train.batch_size=4", f"output_dir={root / 'two'}"], root)
@@ -80,3 +83,90 @@ def test_a_two_process_checkpoint_resumes_with_one_process(runs):
     a, b = load_file(root / "one/model/model.safetensors"), load_file(root / "resumed/model/model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def _assert_same_weights(a_dir: Path, b_dir: Path) -> None:
+    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(runs):
+    root, common, _ = runs
+    out = _train(2, common + ["train.batch_size=4", "train.strategy=fsdp", f"output_dir={root / 'fsdp'}"], root)
+    return root, common, out
+
+
+def test_fsdp_two_processes_train_like_one_process_and_export_a_plain_model(fsdp_run):
+    root, _, out = fsdp_run
+    assert "strategy: fsdp on 2 process(es)" in out.stdout
+    _assert_same_weights(root / "one/model", root / "fsdp/model")
+    sa, sf = (json.loads((root / d / "summary.json").read_text()) for d in ("one", "fsdp"))
+    assert sf["steps"] == sa["steps"] and sf["examples_seen"] == sa["examples_seen"]
+    assert sf["final_validation"]["pairs"] == sa["final_validation"]["pairs"] == 21  # repeated batches not counted
+    assert sf["final_validation"]["accuracy"] == sa["final_validation"]["accuracy"]
+    assert sf["final_validation"]["loss"] == pytest.approx(sa["final_validation"]["loss"], abs=1e-5)
+    assert sf["memory_estimate"]["shards"] == 2
+    assert sf["memory_estimate"]["grads_and_optimizer_gib"] == pytest.approx(sa["memory_estimate"]["grads_and_optimizer_gib"] / 2)
+    # The export loads in one plain process and scores the validation pairs as the live sharded model did.
+    import rewardforge
+
+    rows = [json.loads(l) for l in (root / "val.jsonl").read_text().splitlines()]
+    scorer = rewardforge.load(root / "fsdp/model", device="cpu")
+    c, r = scorer.score_pairs([x["prompt"] for x in rows], [x["chosen"] for x in rows], [x["rejected"] for x in rows])
+    assert float((c > r).mean()) == pytest.approx(sf["final_validation"]["accuracy"])
+    assert float(np.concatenate([c, r]).mean()) == pytest.approx(sf["export"]["reward_mean"], abs=1e-4)
+
+
+def test_an_fsdp_checkpoint_resumes_with_fsdp_and_with_one_process(fsdp_run):
+    root, common, _ = fsdp_run
+    ckpt = root / "fsdp/checkpoints/step-4"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["strategy"] == "fsdp"
+    assert sorted(p.name for p in (ckpt / "model_and_optimizer").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    for name, nproc, extra in (("fsdp_resumed", 2, ["train.batch_size=4", "train.strategy=fsdp"]),
+                               ("fsdp_to_one", 1, ["train.batch_size=8"])):
+        (root / name / "checkpoints").mkdir(parents=True)
+        shutil.copytree(ckpt, root / name / "checkpoints/step-4")
+        _train(nproc, common + extra + [f"output_dir={root / name}", "train.resume_from=auto"], root)
+        s = json.loads((root / name / "summary.json").read_text())
+        assert s["resumed_from"].endswith("step-4")
+        _assert_same_weights(root / "fsdp/model", root / name / "model")
+
+
+def test_a_ddp_checkpoint_resumes_under_fsdp(runs):
+    root, common, _ = runs
+    (root / "ddp_to_fsdp/checkpoints").mkdir(parents=True)
+    shutil.copytree(root / "two/checkpoints/step-4", root / "ddp_to_fsdp/checkpoints/step-4")
+    _train(2, common + ["train.batch_size=4", "train.strategy=fsdp", f"output_dir={root / 'ddp_to_fsdp'}",
+                        "train.resume_from=auto"], root)
+    _assert_same_weights(root / "two/model", root / "ddp_to_fsdp/model")
+
+
+def test_lora_under_ddp_trains_the_head_and_the_export_keeps_it(runs, tiny_model):
+    from rewardforge.models import load_reward_model
+
+    root, common, _ = runs
+    out = root / "lora"
+    _train(2, common + ["train.batch_size=4", "model.lora_r=4", "model.lora_alpha=8", "model.lora_dropout=0.0",
+                        f"output_dir={out}"], root)
+    exported = load_file(out / "model/model.safetensors")
+    assert not any("lora" in k for k in exported)  # adapters merged into the plain weights
+    head = exported["score.weight"]
+    # The head starts from the seeded init of a fresh run; training moved it and the export kept it.
+    from rewardforge.config import load_config
+    from rewardforge.registry import get_reward_model_spec
+    from rewardforge.models import load_tokenizer
+    from accelerate.utils import set_seed
+
+    cfg = load_config(None, [f"model.name_or_path={tiny_model('llama')}", "model.lora_r=4"])
+    set_seed(cfg.train.seed)
+    fresh = get_reward_model_spec("binary_ranking").build_model(cfg, load_tokenizer(cfg.model.name_or_path))
+    init = fresh.head().modules_to_save["default"].weight.detach()
+    assert not torch.allclose(head, init, atol=1e-4)
+    model, _, _ = load_reward_model(out / "model")
+    torch.testing.assert_close(model.head().weight, head)
+    base = load_file(root / "one/model/model.safetensors")
+    moved = [k for k in exported if "layers" in k and "proj" in k and not torch.equal(exported[k], base[k])]
+    assert moved  # the merged LoRA deltas changed the adapted projections

@@ -59,7 +59,7 @@ def test_checkpoints_metrics_and_summary_files(resume_runs):
     ckpts = sorted(p.name for p in (root / "a/checkpoints").iterdir())
     assert ckpts == ["step-4", "step-8"]
     files = {p.name for p in (root / "a/checkpoints/step-4").iterdir()}
-    assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "trainer_state.json", "config.yaml", "tokenizer"} <= files
+    assert {"model_and_optimizer", "scheduler.bin", "random_states_0.pkl", "trainer_state.json", "config.yaml", "tokenizer"} <= files
     state = json.loads((root / "a/checkpoints/step-4/trainer_state.json").read_text())
     assert state["step"] == 4 and state["batch_in_epoch"] == 4
     records = [json.loads(l) for l in (root / "a/metrics.jsonl").read_text().splitlines()]

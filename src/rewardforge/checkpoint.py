@@ -39,12 +39,19 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, config: dict, tokenizer, keep: int = 0) -> Path:
+def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, config: dict, tokenizer, *, model,
+                    optimizer, scheduler, strategy: str = "single", keep: int = 0) -> Path:
     """Save everything needed to resume, atomically; prune to the newest ``keep`` checkpoints.
 
-    Called by every process (each saves its RNG state; sharded models save their shards); the
-    main process writes the rest and renames the finished directory into place.
+    Called by every process: weights and optimizer state go through ``torch.distributed.checkpoint``
+    (each process writes its shards; any number of processes and either strategy can load them),
+    each process saves its RNG state, and the main process writes the rest and renames the
+    finished directory into place.
     """
+    from accelerate.checkpointing import save_accelerator_state
+
+    from rewardforge.distributed import MODEL_STATE_DIR, save_model_state
+
     root = checkpoints_dir(output_dir)
     final = root / f"step-{state.step}"
     tmp = root / f".step-{state.step}.partial"
@@ -55,13 +62,14 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, co
         tmp.mkdir()
     accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(tmp), safe_serialization=True)
+        save_model_state(tmp / MODEL_STATE_DIR, model, optimizer)
+        save_accelerator_state(str(tmp), [], [], [scheduler], [], accelerator.process_index, step=state.step)
         accelerator.wait_for_everyone()
         if main:
             tokenizer.save_pretrained(tmp / "tokenizer")
             (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
             with open(tmp / STATE_FILE, "w") as fh:
-                json.dump({**asdict(state), "world_size": accelerator.num_processes,
+                json.dump({**asdict(state), "world_size": accelerator.num_processes, "strategy": strategy,
                            "global_batch_size": config["train"]["batch_size"] * accelerator.num_processes}, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -109,6 +117,7 @@ def read_state(checkpoint: Path) -> tuple[TrainerState, int, int]:
     """The saved position, the number of processes that saved it and their global batch size."""
     raw = json.loads((checkpoint / STATE_FILE).read_text())
     world = int(raw.pop("world_size"))
+    raw.pop("strategy", None)
     global_batch = int(raw.pop("global_batch_size"))
     return TrainerState(**raw), world, global_batch
 

@@ -98,6 +98,8 @@ class TrainConfig:
     threads: int = _f(0, "torch CPU threads (0 keeps torch's default).")
     nonfinite: str = _f("stop", "On a NaN/inf loss or gradient: stop (keeping the last checkpoint) or skip the optimizer step.")
     max_skipped_steps: int = _f(10, "With nonfinite=skip, stop once this many steps have been skipped in the run.")
+    strategy: str = _f("auto", "Several processes: ddp (replicate; the default, 'auto') or fsdp (shard weights, gradients and optimizer state; the backbone's transformer block is the wrap unit).")
+    fsdp_cpu_offload: bool = _f(False, "With strategy=fsdp: keep sharded weights, gradients and optimizer state in CPU memory.")
 
 
 @dataclass
@@ -128,6 +130,7 @@ _CHOICES = {
     ("train", "lr_scheduler"): ("cosine", "linear", "constant"),
     ("train", "precision"): ("fp32", "bf16"),
     ("train", "nonfinite"): ("stop", "skip"),
+    ("train", "strategy"): ("auto", "ddp", "fsdp"),
 }
 
 

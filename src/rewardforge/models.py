@@ -218,7 +218,8 @@ def build_model(model_cfg, tokenizer, num_outputs: int, labels: list[str] | None
         )
     finally:
         hf_logging.set_verbosity(level)
-    if added and tokenizer.pad_token_id >= hf.get_input_embeddings().num_embeddings:
+    # (also when the pad token was added earlier, e.g. when the model is rebuilt for an FSDP export)
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id >= hf.get_input_embeddings().num_embeddings:
         hf.resize_token_embeddings(len(tokenizer))
     hf.config.pad_token_id = tokenizer.pad_token_id
     freeze_lower_layers(hf, model_cfg.freeze_layers_fraction)

@@ -34,6 +34,14 @@ from rewardforge.data.batching import BatchSampler
 from rewardforge.data.datasets import DataReport, split_by_prompt
 from rewardforge.data.readers import DataError
 from rewardforge.data.template import setup_template
+from rewardforge.distributed import (
+    MODEL_STATE_DIR,
+    full_model_state,
+    grad_norm_value,
+    load_model_state,
+    resolve_strategy,
+    shard_model,
+)
 from rewardforge.evaluate import predict, validation_metrics
 from rewardforge.export import reward_statistics, write_model_dir
 from rewardforge.models import load_tokenizer
@@ -63,6 +71,17 @@ class Run:
     resumed_from: str | None = None
     stop_signal: str | None = None
     extra_eval: list = field(default_factory=list)  # eval.datasets, loaded once (main process)
+    strategy: str = "single"  # single, ddp or fsdp (rewardforge.distributed)
+
+    def bare_model(self):
+        """The model without accelerate's DDP wrapper (an FSDP model is itself)."""
+        return self.accelerator.unwrap_model(self.model) if self.strategy != "fsdp" else self.model
+
+    def bare_optimizer(self):
+        return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def bare_scheduler(self):
+        return getattr(self.scheduler, "scheduler", self.scheduler)
 
 
 def predict_sharded(run: "Run", data) -> dict[str, Any]:
@@ -75,19 +94,25 @@ def predict_sharded(run: "Run", data) -> dict[str, Any]:
     acc, cfg = run.accelerator, run.cfg
     batches = BatchSampler(data.lengths(), cfg.train.eval_batch_size or 2 * cfg.train.batch_size, shuffle=False).batches()
     mine = batches[acc.process_index :: acc.num_processes]
+    if run.strategy == "fsdp" and batches:
+        # FSDP's forward gathers weights with the other processes: all must run as many batches.
+        # The extra ones repeat a batch of this process; their rows are dropped below by index.
+        longest = math.ceil(len(batches) / acc.num_processes)
+        mine = mine + [batches[0]] * (longest - len(mine))
     loader = torch.utils.data.DataLoader(data, batch_sampler=mine, collate_fn=run.collate)
     with acc.autocast():
         # The unwrapped module: DDP's forward broadcasts buffers, a collective that processes
         # with fewer validation batches would never join.
-        pred = predict(acc.unwrap_model(run.model), loader)
+        pred = predict(run.bare_model(), loader)
     if acc.num_processes > 1:
         from accelerate.utils import gather_object
 
         parts = [p for p in gather_object([pred]) if p]
         pred = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
         if pred:
-            order = np.argsort(pred["index"], kind="stable")
-            pred = {k: v[order] for k, v in pred.items()}
+            # Sorted by example; np.unique keeps each example once (FSDP's repeated batches).
+            _, first = np.unique(pred["index"], return_index=True)
+            pred = {k: v[first] for k, v in pred.items()}
     return pred
 
 
@@ -113,11 +138,12 @@ def load_data(cfg: Config, spec: RewardModelSpec, tokenizer):
     return train, val, reports
 
 
-def estimate_memory(model, cfg: Config, max_tokens: int) -> dict[str, float]:
+def estimate_memory(model, cfg: Config, max_tokens: int, shards: int = 1) -> dict[str, float]:
     """A rough per-process memory estimate in GiB for training ``model`` with ``cfg``.
 
     weights (4 B/param, fp32 master copy) + gradients and AdamW moments (4 + 8 B per trainable
-    param) + activations of one micro-batch of 2 x batch_size sequences of ``max_tokens``, per layer
+    param), divided by ``shards`` under FSDP (plus one gathered block at a time),
+    + activations of one micro-batch of 2 x batch_size sequences of ``max_tokens``, per layer
     ``s*b*h*(34 + 5*a*s/h)`` bytes at 16 bits (Korthikanti et al. 2022), doubled in fp32, and only
     ~2 layers' worth with gradient checkpointing.
     """
@@ -130,8 +156,10 @@ def estimate_memory(model, cfg: Config, max_tokens: int) -> dict[str, float]:
     per_layer = s_len * b * h * (34 + 5 * heads * s_len / h) * (1 if cfg.train.precision == "bf16" else 2)
     act = per_layer * (2 if cfg.model.gradient_checkpointing else layers)
     gib = 1024**3
-    out = {"parameters": total, "trainable_parameters": trainable, "weights_gib": 4 * total / gib,
-           "grads_and_optimizer_gib": 12 * trainable / gib, "activations_gib": act / gib}
+    gathered = 2 * 4 * total / max(layers, 1) if shards > 1 else 0.0  # a block's full weights and grads
+    out = {"parameters": total, "trainable_parameters": trainable, "shards": shards,
+           "weights_gib": (4 * total / shards + gathered) / gib,
+           "grads_and_optimizer_gib": 12 * trainable / shards / gib, "activations_gib": act / gib}
     out["total_gib"] = out["weights_gib"] + out["grads_and_optimizer_gib"] + out["activations_gib"]
     return out
 
@@ -163,6 +191,9 @@ def setup(cfg: Config, *, accelerator=None) -> Run:
         torch.set_num_threads(cfg.train.threads)
     out = Path(cfg.output_dir)
     accelerator = accelerator or _make_accelerator(cfg)
+    strategy = resolve_strategy(cfg, accelerator)
+    if strategy == "fsdp" and cfg.eval.datasets:
+        raise ConfigError("eval.datasets is not supported with train.strategy=fsdp; evaluate the export with `rewardforge eval`")
     if accelerator.is_main_process:
         ensure_writable_dir(out, "output_dir")
     set_seed(cfg.train.seed)
@@ -181,6 +212,8 @@ def setup(cfg: Config, *, accelerator=None) -> Run:
     steps_per_epoch = max(1, math.ceil(len(sampler.plan(accelerator.num_processes)) / accum))
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
 
+    if strategy == "fsdp":
+        model = shard_model(model, cfg, accelerator.device)  # before the optimizer: it must see the shards
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -197,10 +230,11 @@ def setup(cfg: Config, *, accelerator=None) -> Run:
     )
     sched_name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.train.lr_scheduler]
     scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * total), num_training_steps=total)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if strategy != "fsdp":
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     run = Run(cfg, spec, accelerator, tokenizer, template, model, optimizer, scheduler, train_data, val_data, sampler,
-              collate, total, steps_per_epoch, reports)
+              collate, total, steps_per_epoch, reports, strategy=strategy)
     if cfg.eval.datasets and accelerator.is_main_process:
         from rewardforge.eval.runner import load_eval_data
 
@@ -210,7 +244,7 @@ def setup(cfg: Config, *, accelerator=None) -> Run:
     ckpt = resolve_resume(cfg.train.resume_from, out)
     if ckpt is not None:
         run.state, saved_world, saved_batch = read_state(ckpt)
-        _load_state(accelerator, ckpt, cfg.train.seed)
+        _load_state(run, ckpt)
         run.resumed_from = str(ckpt)
         global_batch = cfg.train.batch_size * accelerator.num_processes
         if saved_batch != global_batch:
@@ -222,16 +256,23 @@ def setup(cfg: Config, *, accelerator=None) -> Run:
     return run
 
 
-def _load_state(accelerator, ckpt: Path, seed: int) -> None:
+def _load_state(run: Run, ckpt: Path) -> None:
     """Load model, optimizer, scheduler and this process's RNG stream.
 
-    A process that has no saved stream (the run grew) gets a fresh one seeded from its rank.
+    Weights and optimizer state are resharded to this run's processes and strategy. A process that
+    has no saved stream (the run grew) gets a fresh one seeded from its rank.
     """
+    from accelerate.checkpointing import load_accelerator_state
     from accelerate.utils import set_seed
 
-    accelerator.load_state(str(ckpt))  # accelerate skips a missing random_states_{rank}.pkl
-    if not (ckpt / f"random_states_{accelerator.process_index}.pkl").is_file():
-        set_seed(seed + accelerator.process_index)
+    acc = run.accelerator
+    if not (ckpt / MODEL_STATE_DIR).is_dir():
+        raise ConfigError(f"{ckpt} has no {MODEL_STATE_DIR}/ (written by an older rewardforge?); it cannot be resumed")
+    load_model_state(ckpt / MODEL_STATE_DIR, run.bare_model(), run.bare_optimizer())
+    # accelerate skips a missing random_states_{rank}.pkl
+    load_accelerator_state(str(ckpt), [], [], [run.bare_scheduler()], [], acc.process_index)
+    if not (ckpt / f"random_states_{acc.process_index}.pkl").is_file():
+        set_seed(run.cfg.train.seed + acc.process_index)
 
 
 def _log(run: Run, record: dict[str, Any]) -> None:
@@ -279,7 +320,8 @@ def train(run: Run, *, progress: bool = True) -> dict[str, Any]:
                 scale = len(mine) * world / window_pairs if mine else 0.0
                 batch = run.collate([run.train_data[j] for j in idx])
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
-                ctx = acc.no_sync(model) if i < len(steps) - 1 and world > 1 else _null()
+                # FSDP reduce-scatters every micro-batch (its gradients are sharded, not accumulated whole).
+                ctx = acc.no_sync(model) if i < len(steps) - 1 and run.strategy == "ddp" else _null()
                 with ctx:
                     with acc.autocast():
                         outputs = model(batch["input_ids"], batch["attention_mask"])
@@ -296,7 +338,9 @@ def train(run: Run, *, progress: bool = True) -> dict[str, Any]:
             st.batch_in_epoch = group
             st.examples_seen += window_pairs
             # The gradient norm is global (gradients are already averaged), so every process agrees on it.
-            grad_norm = float(acc.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")))
+            max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
+            clip = torch.nn.utils.clip_grad_norm_ if run.strategy == "fsdp" else acc.clip_grad_norm_
+            grad_norm = grad_norm_value(clip(model.parameters(), max_norm))
             if not math.isfinite(grad_norm):
                 what = bad or f"gradient norm {grad_norm}"
                 where = f"at step {st.step + 1} (epoch {st.epoch}, batches {group - len(steps)}-{group - 1})"
@@ -413,7 +457,7 @@ def evaluate_extra(run: Run) -> dict[str, float]:
 
     cfg = run.cfg
     scorer = scorer_from_model(
-        run.accelerator.unwrap_model(run.model), run.tokenizer, max_length=cfg.data.max_length, truncation=cfg.data.truncation,
+        run.bare_model(), run.tokenizer, max_length=cfg.data.max_length, truncation=cfg.data.truncation,
         attributes=output_names(cfg) if len(output_names(cfg)) > 1 else None, attribute_weights=attribute_weights(cfg),
         batch_size=cfg.train.eval_batch_size or 2 * cfg.train.batch_size,
     )
@@ -431,7 +475,8 @@ def _format_val(step: int, m: dict[str, Any]) -> str:
 
 def _save(run: Run) -> Path:
     return save_checkpoint(run.accelerator, run.cfg.output_dir, run.state, run.cfg.to_dict(), run.tokenizer,
-                           keep=run.cfg.train.save_total_limit)
+                           model=run.bare_model(), optimizer=run.bare_optimizer(), scheduler=run.bare_scheduler(),
+                           strategy=run.strategy, keep=run.cfg.train.save_total_limit)
 
 
 def export_run(run: Run, out_dir: str | Path | None = None, pred: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
@@ -446,9 +491,15 @@ def export_run(run: Run, out_dir: str | Path | None = None, pred: dict[str, Any]
     stats = reward_statistics(pred, attribute_weights(cfg))
     stats["reward_stats_source"] = f"validation set ({stats['sequences']} sequences)"
     path = Path(out_dir or Path(cfg.output_dir) / "model")
+    model = run.bare_model()
+    if run.strategy == "fsdp":
+        full = full_model_state(model)  # collective; the main process gets the whole state
+        if run.accelerator.is_main_process:
+            model = run.spec.build_model(cfg, run.tokenizer)
+            model.load_state_dict(full)
     if run.accelerator.is_main_process:
         write_model_dir(
-            run.accelerator.unwrap_model(run.model), run.tokenizer, path, reward_model_type=cfg.model.reward_model_type,
+            model, run.tokenizer, path, reward_model_type=cfg.model.reward_model_type,
             attributes=output_names(cfg), attribute_weights=attribute_weights(cfg), max_length=cfg.data.max_length,
             truncation=cfg.data.truncation, template=run.template, stats=stats, base_model=cfg.model.name_or_path,
         )
@@ -463,10 +514,12 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
     acc = run.accelerator
     out = Path(cfg.output_dir)
     lengths = run.train_data.lengths()
-    memory = estimate_memory(acc.unwrap_model(run.model), cfg, int(min(cfg.data.max_length, lengths.max() if len(lengths) else 1)))
+    memory = estimate_memory(run.bare_model(), cfg, int(min(cfg.data.max_length, lengths.max() if len(lengths) else 1)),
+                             shards=acc.num_processes if run.strategy == "fsdp" else 1)
     if acc.is_main_process:
         (out / "config.yaml").write_text(__import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
         _print_data(run)
+        print(f"strategy: {run.strategy} on {acc.num_processes} process(es), device {acc.device}")
         if progress:
             print(f"model: {memory['parameters'] / 1e6:.1f}M parameters ({memory['trainable_parameters'] / 1e6:.1f}M trainable); "
                   f"estimated peak memory per process {memory['total_gib']:.2f} GiB (weights {memory['weights_gib']:.2f}, "
