@@ -19,9 +19,12 @@ from conftest import synthetic_pairs, write_jsonl
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch built without gloo")
 
 
-def _train(nproc: int, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _train(nproc: int, args: list[str], cwd: Path, launcher: str = "torchrun") -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if nproc == 1:
+    if launcher == "accelerate":  # --multi_gpu selects accelerate's torch-elastic launcher; without GPUs it runs gloo
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
+               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", "-m", "rewardforge", "train", *args, "--quiet"]
+    elif nproc == 1:
         cmd = [sys.executable, "-m", "rewardforge", "train", *args, "--quiet"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -83,6 +86,13 @@ def test_a_two_process_checkpoint_resumes_with_one_process(runs):
     a, b = load_file(root / "one/model/model.safetensors"), load_file(root / "resumed/model/model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+
+
+def test_accelerate_launch_runs_the_same_training_as_torchrun(runs):
+    root, common, _ = runs
+    out = _train(2, common + ["train.batch_size=4", f"output_dir={root / 'accel'}"], root, launcher="accelerate")
+    assert "strategy: ddp on 2 process(es)" in out.stdout
+    _assert_same_weights(root / "two/model", root / "accel/model")
 
 
 def _assert_same_weights(a_dir: Path, b_dir: Path) -> None:
@@ -170,3 +180,25 @@ def test_lora_under_ddp_trains_the_head_and_the_export_keeps_it(runs, tiny_model
     base = load_file(root / "one/model/model.safetensors")
     moved = [k for k in exported if "layers" in k and "proj" in k and not torch.equal(exported[k], base[k])]
     assert moved  # the merged LoRA deltas changed the adapted projections
+
+
+def test_estimate_memory_sizes_a_config_without_loading_weights(tiny_model):
+    import subprocess
+
+    from rewardforge.config import load_config
+    from rewardforge.models import load_tokenizer
+    from rewardforge.registry import get_reward_model_spec
+    from rewardforge.train import estimate_for_config
+
+    overrides = [f"model.name_or_path={tiny_model('llama')}", "train.strategy=fsdp"]
+    cfg = load_config(None, overrides)
+    real = get_reward_model_spec("binary_ranking").build_model(cfg, load_tokenizer(cfg.model.name_or_path))
+    one, eight = estimate_for_config(cfg, 1), estimate_for_config(cfg, 8)
+    assert one["parameters"] == eight["parameters"] == sum(p.numel() for p in real.parameters())
+    assert one["shards"] == 1 and eight["shards"] == 8
+    assert eight["grads_and_optimizer_gib"] == pytest.approx(one["grads_and_optimizer_gib"] / 8)
+    assert eight["total_gib"] < one["total_gib"]
+    out = subprocess.run([sys.executable, "-m", "rewardforge", "train", *overrides, "--estimate-memory", "--processes", "4"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "GiB per process (4 process(es), strategy fsdp" in out.stdout

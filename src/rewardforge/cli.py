@@ -43,6 +43,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg))
         return 0
+    if args.estimate_memory:
+        from rewardforge.train import estimate_for_config
+
+        est = estimate_for_config(cfg, args.processes)
+        print(json.dumps(est, indent=2))
+        print(f"about {est['total_gib']:.2f} GiB per process ({est['processes']} process(es), strategy "
+              f"{est['strategy']}, sequences of {cfg.data.max_length} tokens), plus the framework's own ~1 GiB")
+        return 0
     summary = run_training(cfg, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
@@ -178,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.add_argument("--help-config", action="store_true", help="list every config key with its default and help")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--estimate-memory", action="store_true",
+                   help="print the memory one process will need (model built without weights) and exit")
+    t.add_argument("--processes", type=int, default=1, help="with --estimate-memory: processes the run will use")
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("export", help="export a checkpoint as a Hugging Face model directory")

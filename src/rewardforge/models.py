@@ -11,6 +11,8 @@ plain transformers), wrapped to read the reward where rewardforge's rule says:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import json
 import os
@@ -178,6 +180,22 @@ class RewardModel(nn.Module):
         return self.head()(last).float()
 
 
+_EMPTY_WEIGHTS: contextvars.ContextVar[bool] = contextvars.ContextVar("rewardforge_empty_weights", default=False)
+
+
+@contextlib.contextmanager
+def empty_weights():
+    """Inside, :func:`build_model` builds the architecture on the meta device without reading weights.
+
+    For sizing a run (``rewardforge train CONFIG --estimate-memory``) without the memory to load it.
+    """
+    token = _EMPTY_WEIGHTS.set(True)
+    try:
+        yield
+    finally:
+        _EMPTY_WEIGHTS.reset(token)
+
+
 def build_model(model_cfg, tokenizer, num_outputs: int, labels: list[str] | None = None) -> RewardModel:
     """Load the backbone with a fresh head for ``num_outputs`` rewards, applying the model options.
 
@@ -213,14 +231,19 @@ def build_model(model_cfg, tokenizer, num_outputs: int, labels: list[str] | None
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the "head newly initialized" load report is expected here
     try:
-        hf = AutoModelForSequenceClassification.from_pretrained(
-            path, config=hf_config, trust_remote_code=model_cfg.trust_remote_code, dtype=torch.float32
-        )
+        if _EMPTY_WEIGHTS.get():
+            with torch.device("meta"):
+                hf = AutoModelForSequenceClassification.from_config(hf_config, trust_remote_code=model_cfg.trust_remote_code)
+        else:
+            hf = AutoModelForSequenceClassification.from_pretrained(
+                path, config=hf_config, trust_remote_code=model_cfg.trust_remote_code, dtype=torch.float32
+            )
     finally:
         hf_logging.set_verbosity(level)
     # (also when the pad token was added earlier, e.g. when the model is rebuilt for an FSDP export)
     if tokenizer.pad_token_id is not None and tokenizer.pad_token_id >= hf.get_input_embeddings().num_embeddings:
-        hf.resize_token_embeddings(len(tokenizer))
+        # mean_resizing initialises the new row from the others' statistics, which meta tensors lack
+        hf.resize_token_embeddings(len(tokenizer), mean_resizing=not _EMPTY_WEIGHTS.get())
     hf.config.pad_token_id = tokenizer.pad_token_id
     freeze_lower_layers(hf, model_cfg.freeze_layers_fraction)
     if model_cfg.gradient_checkpointing:

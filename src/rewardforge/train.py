@@ -164,6 +164,23 @@ def estimate_memory(model, cfg: Config, max_tokens: int, shards: int = 1) -> dic
     return out
 
 
+def estimate_for_config(cfg: Config, processes: int = 1) -> dict[str, float]:
+    """:func:`estimate_memory` for a config before launching it: the model is built without its weights.
+
+    ``processes`` matters under ``train.strategy=fsdp`` (states are sharded over them); the
+    activations assume sequences of ``data.max_length``, the worst case.
+    """
+    from rewardforge.models import empty_weights
+
+    spec = get_reward_model_spec(cfg.model.reward_model_type)
+    spec.check(cfg)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    with empty_weights():
+        model = spec.build_model(cfg, tokenizer)
+    shards = processes if cfg.train.strategy == "fsdp" and processes > 1 else 1
+    return {"processes": processes, "strategy": cfg.train.strategy, **estimate_memory(model, cfg, cfg.data.max_length, shards=shards)}
+
+
 def _make_accelerator(cfg: Config):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
