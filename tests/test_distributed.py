@@ -202,3 +202,26 @@ def test_estimate_memory_sizes_a_config_without_loading_weights(tiny_model):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "GiB per process (4 process(es), strategy fsdp" in out.stdout
+
+
+def test_strategy_resolution_and_deepspeed_refused():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from rewardforge.config import ConfigError, load_config
+    from rewardforge.distributed import resolve_strategy
+
+    def acc(kind, n):
+        return SimpleNamespace(distributed_type=kind, num_processes=n)
+
+    auto, fsdp = load_config(None, []), load_config(None, ["train.strategy=fsdp"])
+    assert resolve_strategy(auto, acc(DistributedType.NO, 1)) == "single"
+    assert resolve_strategy(fsdp, acc(DistributedType.NO, 1)) == "single"
+    assert resolve_strategy(auto, acc(DistributedType.MULTI_CPU, 2)) == "ddp"
+    assert resolve_strategy(fsdp, acc(DistributedType.MULTI_CPU, 2)) == "fsdp"
+    assert resolve_strategy(auto, acc(DistributedType.FSDP, 2)) == "fsdp"  # accelerate launch --use_fsdp
+    with pytest.raises(ConfigError, match="DeepSpeed.*train.strategy=fsdp"):
+        resolve_strategy(auto, acc(DistributedType.DEEPSPEED, 2))
+    with pytest.raises(ConfigError, match="train.strategy='zero3' is not valid"):
+        load_config(None, ["train.strategy=zero3"])
