@@ -32,9 +32,11 @@ def setup(tiny_model, tmp_path_factory):
     return root, args
 
 
-def _start(args: list[str], out: Path) -> subprocess.Popen:
+def _start(args: list[str], out: Path, fault: str | None = None) -> subprocess.Popen:
     # Same thread count as this process, so float reductions (and so the weights) match bitwise.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    if fault:
+        env["REWARDFORGE_FAULT"] = fault  # rewardforge.faults: SIGKILL itself at that point
     return subprocess.Popen([sys.executable, "-m", "rewardforge", "train", *args, f"output_dir={out}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -69,6 +71,86 @@ def test_kill_9_then_resume_ends_bitwise_equal_to_an_uninterrupted_run(setup):
     _same_weights(root / "reference", out)
     ref = json.loads((root / "reference/summary.json").read_text())
     assert s["final_validation"] == ref["final_validation"]
+
+
+def _killed_at(args: list[str], out: Path, fault: str) -> None:
+    proc = _start(args, out, fault)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+
+
+def _resume_and_compare(root: Path, args: list[str], out: Path, expect_from: str) -> None:
+    s = run_training(load_config(None, args + [f"output_dir={out}", "train.resume_from=auto"]), progress=False)
+    assert s["resumed_from"] == str(out / "checkpoints" / expect_from)
+    _same_weights(root / "reference", out)
+    ref = json.loads((root / "reference/summary.json").read_text())
+    assert s["final_validation"] == ref["final_validation"] and s["steps"] == ref["steps"]
+
+
+def test_kill_9_mid_step_loses_only_the_steps_since_the_last_checkpoint(setup):
+    root, args = setup
+    out = root / "killed_mid_step"
+    _killed_at(args, out, "train_step:7")  # after step 7's backward pass, before its optimizer step
+    assert [p.name for p in list_checkpoints(out)] == ["step-2", "step-4", "step-6"]
+    _resume_and_compare(root, args, out, "step-6")
+
+
+def test_kill_9_mid_checkpoint_write_leaves_no_half_checkpoint(setup):
+    root, args = setup
+    out = root / "killed_mid_checkpoint"
+    _killed_at(args, out, "checkpoint_write:3")  # step-6's weights written, the rest not
+    assert (out / "checkpoints/.step-6.partial").is_dir() and not (out / "checkpoints/step-6").exists()
+    assert [p.name for p in list_checkpoints(out)] == ["step-2", "step-4"]
+    _resume_and_compare(root, args, out, "step-4")
+    assert not (out / "checkpoints/.step-6.partial").exists()  # cleaned when step-6 was saved again
+
+
+def test_kill_9_mid_export_keeps_the_previous_export_and_the_checkpoint_exports_again(setup):
+    import shutil
+
+    from rewardforge.train import export_checkpoint
+
+    root, args = setup
+    out = root / "killed_mid_export"
+    shutil.copytree(root / "reference/model", out / "model")  # an earlier export in place
+    before = {p.name: p.read_bytes() for p in (out / "model").iterdir() if p.is_file()}
+    _killed_at(args, out, "export_write")  # training done and checkpointed; killed while writing the export
+    after = {p.name: p.read_bytes() for p in (out / "model").iterdir() if p.is_file()}
+    assert after == before  # the earlier export is untouched, never half replaced
+    assert list_checkpoints(out)[-1].name == "step-10"
+    export_checkpoint(out / "checkpoints/step-10", out / "model")
+    _same_weights(root / "reference", out)
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".model.tmp-")]
+    assert len(leftovers) == 1  # the killed export's temporary dir, which no reader ever opens
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_says_so(setup, tmp_path, monkeypatch):
+    from rewardforge import faults
+    from rewardforge.checkpoint import CheckpointError
+
+    root, args = setup
+    monkeypatch.setattr(faults, "_hits", {})
+    monkeypatch.setenv("REWARDFORGE_FAULT", "checkpoint_write:2=enospc")  # the second save (step-4) hits a full disk
+    with pytest.raises(CheckpointError, match=r"could not write checkpoint .*step-4 \(No space left on device.*nothing was "
+                                              r"removed: the latest complete checkpoint is .*step-2.*train.resume_from=auto"):
+        run_training(load_config(None, args + [f"output_dir={tmp_path}"]), progress=False)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-2"]  # no partial left behind
+    monkeypatch.delenv("REWARDFORGE_FAULT")
+    _resume_and_compare(root, args, tmp_path, "step-2")
+
+
+def test_too_little_disk_space_is_refused_before_training(setup, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from rewardforge.checkpoint import CheckpointError
+
+    _, args = setup
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(CheckpointError, match=r"has 0.00 GiB free, but 3 checkpoints .* lower train.save_total_limit"):
+        run_training(load_config(None, args + [f"output_dir={tmp_path}", "train.save_total_limit=2"]), progress=False)
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(setup):

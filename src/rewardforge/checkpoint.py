@@ -51,6 +51,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, co
     from accelerate.checkpointing import save_accelerator_state
 
     from rewardforge.distributed import MODEL_STATE_DIR, save_model_state
+    from rewardforge.faults import fault_point
 
     root = checkpoints_dir(output_dir)
     final = root / f"step-{state.step}"
@@ -63,6 +64,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, co
     accelerator.wait_for_everyone()
     try:
         save_model_state(tmp / MODEL_STATE_DIR, model, optimizer)
+        fault_point("checkpoint_write")
         save_accelerator_state(str(tmp), [], [], [scheduler], [], accelerator.process_index, step=state.step)
         accelerator.wait_for_everyone()
         if main:
@@ -73,18 +75,63 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, co
                            "global_batch_size": config["train"]["batch_size"] * accelerator.num_processes}, fh)
                 fh.flush()
                 os.fsync(fh.fileno())
-            if final.exists():
-                shutil.rmtree(final)
+            old = root / f".step-{state.step}.old"
+            if final.exists():  # the same step saved again: keep the old one until the new one is in place
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
             os.replace(tmp, final)
+            _fsync_dir(root)
+            shutil.rmtree(old, ignore_errors=True)
             if keep > 0:
                 for old in list_checkpoints(output_dir)[:-keep]:
                     shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            kept = list_checkpoints(output_dir)
+            raise CheckpointError(
+                f"could not write checkpoint {final} ({e.strerror or e}); nothing was removed: the latest complete "
+                f"checkpoint is {kept[-1] if kept else 'none'}. Free space in {root} (or move output_dir) and resume "
+                "with train.resume_from=auto"
+            ) from e
         raise
     accelerator.wait_for_everyone()
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (POSIX: the directory entry is data of the directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not support fsync on directories
+    finally:
+        os.close(fd)
+
+
+def check_free_space(output_dir: str | Path, parameters: int, trainable: int, keep: int) -> None:
+    """Refuse to start when ``output_dir`` cannot hold the checkpoints and the export of this model.
+
+    A checkpoint holds fp32 weights and AdamW's two moments (4 + 8 B per trainable parameter);
+    ``keep`` of them stay, one more is written before the oldest is removed, and the export needs
+    another copy of the weights. Less free space than that is known to fail, so it fails now.
+    """
+    checkpoint = 4 * parameters + 8 * trainable
+    n = (keep if keep > 0 else 1) + 1
+    need = n * checkpoint + 4 * parameters
+    free = shutil.disk_usage(output_dir).free
+    if free < need:
+        gib = 1024**3
+        raise CheckpointError(
+            f"output_dir={str(output_dir)!r} has {free / gib:.2f} GiB free, but {n} checkpoints of {checkpoint / gib:.2f} GiB "
+            f"and the export ({4 * parameters / gib:.2f} GiB) need {need / gib:.2f} GiB; free space, choose another "
+            "output_dir or lower train.save_total_limit"
+        )
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:

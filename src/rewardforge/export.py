@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from rewardforge import __version__
+from rewardforge.faults import fault_point
 from rewardforge.models import RewardModel, merged_hf_model
 
 METADATA_FILE = "rewardforge.json"
@@ -70,6 +71,7 @@ def write_model_dir(
         hf = merged_hf_model(model)
         hf.config.pad_token_id = tokenizer.pad_token_id
         hf.save_pretrained(tmp, safe_serialization=True)
+        fault_point("export_write")
         tokenizer.save_pretrained(tmp)
         meta = {
             "format_version": FORMAT_VERSION,

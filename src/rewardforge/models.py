@@ -282,6 +282,12 @@ def load_reward_model(model_dir: str | Path, dtype: torch.dtype = torch.float32)
 
     model_dir = Path(model_dir)
     meta_path = model_dir / "rewardforge.json"
+    if not model_dir.exists():
+        # write_model_dir swaps directories with two renames; a kill between them leaves the old one here
+        old = sorted(model_dir.parent.glob(f".{model_dir.name}.old-*")) if model_dir.parent.is_dir() else []
+        if old:
+            raise ModelError(f"{model_dir} does not exist, but an export interrupted while replacing it left the previous "
+                             f"one at {old[-1]}; rename it back to {model_dir} or export again")
     if not meta_path.is_file():
         raise ModelError(f"{model_dir} is not a rewardforge model directory (no rewardforge.json); export one with `rewardforge export`")
     meta = json.loads(meta_path.read_text())

@@ -23,6 +23,7 @@ import torch
 
 from rewardforge.checkpoint import (
     TrainerState,
+    check_free_space,
     list_checkpoints,
     read_config,
     read_state,
@@ -44,6 +45,7 @@ from rewardforge.distributed import (
 )
 from rewardforge.evaluate import predict, validation_metrics
 from rewardforge.export import reward_statistics, write_model_dir
+from rewardforge.faults import fault_point
 from rewardforge.models import load_tokenizer
 from rewardforge.registry import RewardModelSpec, attribute_weights, get_reward_model_spec, output_names
 
@@ -229,6 +231,9 @@ def setup(cfg: Config, *, accelerator=None) -> Run:
     steps_per_epoch = max(1, math.ceil(len(sampler.plan(accelerator.num_processes)) / accum))
     total = cfg.train.max_steps if cfg.train.max_steps > 0 else max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
 
+    if accelerator.is_main_process:
+        check_free_space(out, sum(p.numel() for p in model.parameters()),
+                         sum(p.numel() for p in model.parameters() if p.requires_grad), cfg.train.save_total_limit)
     if strategy == "fsdp":
         model = shard_model(model, cfg, accelerator.device)  # before the optimizer: it must see the shards
     decay, no_decay = [], []
@@ -374,6 +379,7 @@ def train(run: Run, *, progress: bool = True) -> dict[str, Any]:
                 if acc.is_main_process:
                     bar.write(f"skipped optimizer step: non-finite {what} {where}")
                 continue
+            fault_point("train_step")
             run.optimizer.step()
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
