@@ -4,7 +4,9 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Every error is answered as ``{"error": "message"}`` (the shape tritonclient reads) with a 4xx for
-the client's mistakes, 503 + ``Retry-After`` when the queue is full and 500 only for server faults.
+the client's mistakes, 503 + ``Retry-After`` when the queue is full and 500 only for server faults,
+whose details (exception, traceback, file names) go to the log, never to the client. A request joins
+the batcher only once its whole body is in, and leaves the queue if its client disconnects.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from rewardforge import __version__
 from rewardforge.serve.batcher import BatcherClosed, DynamicBatcher, QueueFull, ScoringFailed
 from rewardforge.serve.config import ServeConfig
 from rewardforge.serve.metrics import CONTENT_TYPE, ServeMetrics
-from rewardforge.serve.service import ScoringService, ServeError
+from rewardforge.serve.service import ScoringService, ServeError, unless_disconnected
 
 log = logging.getLogger("rewardforge.serve")
 
@@ -111,8 +113,16 @@ class _BodyTooLarge(Exception):
     """The request body passed --max-body-bytes while it was being read."""
 
 
+class _BodyTimeout(Exception):
+    """The request body did not arrive within --body-timeout-s."""
+
+
+INTERNAL_ERROR = "internal server error; the details are in the server log"
+
+
 class ServeMiddleware:
-    """Pure ASGI middleware: API key, request body limit, per-route request metrics."""
+    """Pure ASGI middleware: API key, request body size and time limits, per-route request metrics,
+    and a generic 500 (logged with its traceback, never sent to the client) for unexpected errors."""
 
     def __init__(self, app, *, config: ServeConfig, metrics: ServeMetrics, api_key: str | None):
         self.app, self.config, self.metrics = app, config, metrics
@@ -140,17 +150,27 @@ class ServeMiddleware:
                                          {"www-authenticate": "Bearer"})
             limit = self.config.max_body_bytes
             length = _header(scope, b"content-length")
-            if length is not None and length.isdigit() and int(length) > limit:
+            if length is not None and length.isascii() and length.isdigit() and int(length) > limit:
                 self.metrics.rejected.inc(1, "body_too_large")
                 return await _send_error(send_wrapper, 413, _body_message(limit))
             received = [0]
+            body_done = [False]
+            timeout = self.config.body_timeout_s
 
             async def receive_limited():
-                message = await receive()
+                if body_done[0]:  # after the body only http.disconnect comes: no deadline
+                    return await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), max(t0 + timeout - time.perf_counter(), 0.0))
+                except asyncio.TimeoutError:
+                    raise _BodyTimeout() from None
                 if message["type"] == "http.request":
                     received[0] += len(message.get("body", b""))
                     if received[0] > limit:
                         raise _BodyTooLarge()
+                    body_done[0] = not message.get("more_body", False)
+                else:
+                    body_done[0] = True
                 return message
 
             try:
@@ -159,8 +179,17 @@ class ServeMiddleware:
                 self.metrics.rejected.inc(1, "body_too_large")
                 if not started[0]:
                     await _send_error(send_wrapper, 413, _body_message(limit))
+            except _BodyTimeout:
+                self.metrics.rejected.inc(1, "body_timeout")
+                if not started[0]:
+                    await _send_error(send_wrapper, 408, f"the request body did not arrive within body_timeout_s={timeout:g} "
+                                      "seconds (--body-timeout-s)", {"connection": "close"})
             except ClientDisconnect:
-                status[0] = 499  # the client went away while sending its body: nobody to answer
+                status[0] = 499  # the client went away: nobody to answer
+            except Exception:  # noqa: BLE001 - a bug: log it whole, tell the client nothing about the server
+                log.exception("internal error answering %s %s", scope.get("method"), path)
+                if not started[0]:
+                    await _send_error(send_wrapper, 500, INTERNAL_ERROR)
             r = scope.get("route")
             route = getattr(r, "path", None) or "unmatched"
         finally:
@@ -168,9 +197,14 @@ class ServeMiddleware:
             self.metrics.request_latency.observe(time.perf_counter() - t0, route)
 
     def _authorized(self, scope) -> bool:
-        value = _header(scope, b"authorization") or ""
-        scheme, _, token = value.partition(" ")
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key)
+        value = b""
+        for k, v in scope.get("headers", ()):
+            if k.lower() == b"authorization":
+                value = v
+                break
+        scheme, _, token = value.partition(b" ")
+        # the raw header bytes against the key's UTF-8 bytes, in constant time
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.api_key)
 
 
 def _header(scope, name: bytes) -> str | None:
@@ -184,8 +218,13 @@ def _body_message(limit: int) -> str:
     return f"request body exceeds max_body_bytes={limit} (--max-body-bytes)"
 
 
+def _printable(message: str) -> str:
+    """The message as valid UTF-8: a lone surrogate echoed from the request becomes '?'."""
+    return message.encode("utf-8", "replace").decode("utf-8")
+
+
 async def _send_error(send, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-    body = json.dumps({"error": message}).encode()
+    body = json.dumps({"error": _printable(message)}).encode()
     hdrs = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     hdrs += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": hdrs})
@@ -193,7 +232,7 @@ async def _send_error(send, status: int, message: str, headers: dict[str, str] |
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return JSONResponse({"error": _printable(message)}, status_code=status, headers=headers)
 
 
 def _validation_message(errors: list[dict[str, Any]]) -> tuple[int, str]:
@@ -226,6 +265,108 @@ async def parse_body(request: Request, model: type[BaseModel]) -> Any:
 def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {
         "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+
+
+# ---------------------------------------------------------------- OpenAPI: what the middleware and handlers answer
+
+
+_ERROR = {"description": "", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+_ERRORS_ANY = {"500": "internal error (the details are in the server log, never in the body)"}
+_ERRORS_AUTH = {"401": "missing or wrong API key (when the server has one)"}
+_ERRORS_BODY = {
+    "400": "malformed request: JSON that does not parse, or (v2) tensors that do not fit their shapes",
+    "408": "the request body did not arrive within --body-timeout-s",
+    "413": "over a limit: --max-body-bytes, --max-items-per-request or --max-item-tokens",
+    "422": "well-formed JSON of the wrong shape or types, or an item that cannot be scored",
+    "503": "the queue is full (with Retry-After) or the server is shutting down",
+}
+_ERRORS_MODEL = {"404": "unknown model name or version"}
+_ERRORS_READY = {"503": "not ready (starting or shutting down)"}
+_NO_BODY = ("/v2/health/live", "/v2/health/ready", "/v2/models/{name}/ready", "/v2/models/{name}/versions/{version}/ready")
+
+_INFER_SCHEMAS: dict[str, Any] = {
+    "InferInput": {
+        "title": "InferInput", "type": "object", "required": ["name", "datatype", "shape"],
+        "properties": {
+            "name": {"type": "string", "enum": ["sentences", "tokens", "sequence_lengths"]},
+            "datatype": {"type": "string", "description": "BYTES for sentences; an integer type (INT64...) for the others"},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            "data": {"type": "array", "description": "the elements, flat or nested (JSON tensors)"},
+            "parameters": {"type": "object", "description": "binary_data_size: the input's bytes after the JSON header"},
+        },
+    },
+    "InferRequestedOutput": {
+        "title": "InferRequestedOutput", "type": "object", "required": ["name"],
+        "properties": {"name": {"type": "string", "enum": ["rewards", "attributes"]},
+                       "parameters": {"type": "object", "description": "binary_data: return this output as binary"}},
+    },
+    "InferRequest": {
+        "title": "InferRequest", "type": "object", "required": ["inputs"],
+        "description": "KServe v2 inference request (JSON; or this header followed by binary tensors, with "
+        "Inference-Header-Content-Length)",
+        "properties": {
+            "id": {"type": "string"},
+            "parameters": {"type": "object", "description": "binary_data_output: every output as binary"},
+            "inputs": {"type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/InferInput"}},
+            "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/InferRequestedOutput"}},
+        },
+    },
+    "InferOutput": {
+        "title": "InferOutput", "type": "object", "required": ["name", "datatype", "shape"],
+        "properties": {"name": {"type": "string"}, "datatype": {"type": "string"},
+                       "shape": {"type": "array", "items": {"type": "integer"}},
+                       "data": {"type": "array", "items": {"type": "number"}}, "parameters": {"type": "object"}},
+    },
+    "InferResponse": {
+        "title": "InferResponse", "type": "object", "required": ["model_name", "outputs"],
+        "properties": {"model_name": {"type": "string"}, "model_version": {"type": "string"}, "id": {"type": "string"},
+                       "outputs": {"type": "array", "items": {"$ref": "#/components/schemas/InferOutput"}}},
+    },
+}
+
+
+def _document_errors_and_auth(schema: dict[str, Any], *, auth: bool) -> None:
+    """Add to every operation the error statuses it can answer (all as ``{"error": message}``), the v2
+    inference body, and the bearer scheme when the server has an API key."""
+    components = schema["components"]["schemas"]
+    components["Error"] = {"title": "Error", "type": "object", "required": ["error"],
+                           "properties": {"error": {"type": "string"}}}
+    components.update(_INFER_SCHEMAS)
+    for name in ("HTTPValidationError", "ValidationError"):  # FastAPI's 422 body; ours is an Error
+        components.pop(name, None)
+    if auth:
+        schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+    for path, ops in schema.get("paths", {}).items():
+        for method, op in ops.items():
+            responses = op.setdefault("responses", {})
+            errors = dict(_ERRORS_ANY)
+            if path not in PUBLIC_PATHS:
+                errors.update(_ERRORS_AUTH)
+                if auth:
+                    op["security"] = [{"bearer": []}]
+            if method == "post":
+                errors.update(_ERRORS_BODY)
+            if path.startswith("/v2/models/"):
+                errors.update(_ERRORS_MODEL)
+            if path in _NO_BODY or path == "/health":
+                errors.update(_ERRORS_READY)
+            if path.endswith("/infer"):
+                errors["415"] = "unsupported Content-Encoding (gzip, deflate or none)"
+                op["requestBody"] = {"required": True, "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}}}}
+                responses["200"] = {"description": "the outputs, as JSON or (binary_data) a JSON header and binary tensors",
+                                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferResponse"}},
+                                                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+            if path in _NO_BODY:
+                responses["200"] = {"description": "live / ready (empty body)"}
+            for code, text in sorted(errors.items()):
+                if code == "503" and path == "/health":  # the same body as the 200
+                    responses[code] = {"description": text, "content": responses.get("200", {}).get("content", {})}
+                    continue
+                if code == "503" and path in _NO_BODY:
+                    responses[code] = {"description": text}
+                    continue
+                responses[code] = {**_ERROR, "description": text}
 
 
 # ---------------------------------------------------------------- the app
@@ -322,6 +463,7 @@ def create_app(scorer, serve_config: ServeConfig | None = None, *, metrics: Serv
     @app.post("/v1/score", tags=["scoring"], response_model=ScoreResponse, summary="score items (native endpoint)",
               openapi_extra=_body_doc(ScoreRequest))
     async def score(request: Request):
+        await request.body()  # the whole body first: a slow client must not hold up a forming batch
         ticket = batcher.announce()  # a batch forming now waits for this request's tokens
         try:
             return await _score(request, ticket)
@@ -332,7 +474,7 @@ def create_app(scorer, serve_config: ServeConfig | None = None, *, metrics: Serv
         req: ScoreRequest = await parse_body(request, ScoreRequest)
         service.check_count(len(req.items), "items")
         prepared = await service.prepare([_item_dict(it) for it in req.items], "items")
-        s = await service.score(prepared, ticket)
+        s = await unless_disconnected(request.receive, service.score(prepared, ticket))
         multi = len(service.attributes) > 1
         results = []
         for i in range(len(req.items)):
@@ -350,13 +492,14 @@ def create_app(scorer, serve_config: ServeConfig | None = None, *, metrics: Serv
     @app.post("/get_reward", tags=["compatibility"], response_model=GetRewardResponse,
               summary="OpenRLHF remote reward model protocol (--remote_rm_url)", openapi_extra=_body_doc(GetRewardRequest))
     async def get_reward(request: Request):
+        await request.body()
         ticket = batcher.announce()
         try:
             req: GetRewardRequest = await parse_body(request, GetRewardRequest)
             queries = [req.query] if isinstance(req.query, str) else req.query
             service.check_count(len(queries), "query")
             prepared = await service.prepare([{"text": service.strip_padding(q)} for q in queries], "query")
-            s = await service.score(prepared, ticket)
+            s = await unless_disconnected(request.receive, service.score(prepared, ticket))
         finally:
             batcher.withdraw(ticket)
         return JSONResponse({"rewards": [float(x) for x in service.compat(s)]})
@@ -373,6 +516,7 @@ def create_app(scorer, serve_config: ServeConfig | None = None, *, metrics: Serv
                 js = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(js.pop("$defs", {}))
                 components[model.__name__] = js
+            _document_errors_and_auth(schema, auth=cfg.resolved_api_key() is not None)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -58,7 +58,8 @@ class BatcherClosed(Exception):
 
 
 class ScoringFailed(Exception):
-    """The model raised on a request's sequences (the request alone fails)."""
+    """The model raised on a request's sequences (the request alone fails). The message is meant for the
+    client and says nothing about the server; the exception itself is in the server log."""
 
 
 class _Request:
@@ -265,12 +266,12 @@ class DynamicBatcher:
                 continue
             try:
                 self._run(batch)
-            except Exception as e:  # noqa: BLE001 - never let the worker die with requests waiting on it
+            except Exception:  # noqa: BLE001 - never let the worker die with requests waiting on it
                 log.exception("the batcher failed on a batch")
                 reqs = list({id(it.req): it.req for it in batch}.values())
                 for r in reqs:
                     r.dead = True
-                    self._call(r.loop, _fail, [r], ScoringFailed(f"internal error while scoring: {type(e).__name__}: {e}"))
+                    self._call(r.loop, _fail, [r], ScoringFailed("internal error while scoring; the details are in the server log"))
 
     def _take(self) -> list[_Item]:
         """Remove and return the next batch (called with the lock held)."""
@@ -343,8 +344,8 @@ class DynamicBatcher:
                 return
             req = batch[0].req
             req.dead = True
-            log.error("scoring failed: %s: %s", type(e).__name__, e)
-            self._call(req.loop, _fail, [req], ScoringFailed(f"the model failed on this request: {type(e).__name__}: {e}"))
+            log.exception("scoring failed on a request of %d sequences", len(batch))
+            self._call(req.loop, _fail, [req], ScoringFailed("the model failed on this request; the details are in the server log"))
             return
         dt = time.monotonic() - t0
         done: list[_Request] = []

@@ -43,6 +43,10 @@ class ServeConfig:
     )
     max_queue_items: int = _opt(4096, "sequences allowed to wait for the model; past it requests get 503 + Retry-After")
     max_body_bytes: int = _opt(16 * 1024 * 1024, "largest request body accepted, in bytes (413 beyond)")
+    body_timeout_s: float = _opt(
+        60.0, "longest time a client may take to send its request body, counted from the end of its headers "
+        "(408 beyond); a request joins the batcher only once its body is in, so slow clients never hold up a batch"
+    )
     max_items_per_request: int = _opt(1024, "most items (sequences) in one request (413 beyond)")
     max_item_tokens: int = _opt(
         8192,
@@ -67,6 +71,8 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_padding is not None and not (0.0 <= self.max_padding <= 1.0):
             raise ValueError(f"max_padding must be in [0, 1], got {self.max_padding}")
+        if not self.body_timeout_s > 0:
+            raise ValueError(f"body_timeout_s must be > 0, got {self.body_timeout_s}")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
         if self.max_items_per_request > self.max_queue_items:

@@ -30,6 +30,36 @@ class ServeError(Exception):
         self.status, self.message, self.headers, self.reason = status, message, headers or {}, reason
 
 
+async def unless_disconnected(receive, aw):
+    """Await ``aw`` (the scoring of a request whose body has been read) unless the client disconnects first.
+
+    ``receive`` is the request's ASGI receive: once the body is in, its next message is
+    ``http.disconnect``. On a disconnect ``aw`` is cancelled, so the request's sequences still
+    queued are skipped rather than scored for nobody, and starlette's ``ClientDisconnect`` is raised.
+    """
+    from starlette.requests import ClientDisconnect
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(aw)
+    watch = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler was cancelled
+        task.cancel()
+        watch.cancel()
+        raise
+    if task.done():
+        watch.cancel()
+        return task.result()
+    if watch.cancelled() or watch.exception() is not None:  # cannot tell: just wait for the result
+        return await task
+    task.cancel()
+    raise ClientDisconnect()
+
+
 @dataclass
 class Prepared:
     """Token sequences ready for the batcher, in item order."""

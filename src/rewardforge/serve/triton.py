@@ -20,6 +20,7 @@ default. gzip / deflate request bodies are accepted (bounded by ``max_body_bytes
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from typing import Any, Optional
@@ -28,7 +29,7 @@ import numpy as np
 from fastapi import FastAPI, Request, Response
 
 from rewardforge import __version__
-from rewardforge.serve.service import ScoringService, ServeError
+from rewardforge.serve.service import ScoringService, ServeError, unless_disconnected
 
 VERSION = "1"
 INT_TYPES = {"INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
@@ -99,8 +100,10 @@ def _decode_input(inp: dict, binary: memoryview, offset: int) -> tuple[str, np.n
     if name not in INPUTS:
         raise _bad(f"unknown input '{name}'; this model takes {', '.join(INPUTS)}")
     datatype = inp.get("datatype")
+    if not isinstance(datatype, str):
+        raise _bad(f"input '{name}': 'datatype' must be a string such as BYTES or INT64")
     shape = _shape(inp, name)
-    count = int(np.prod(shape)) if shape else 1
+    count = math.prod(shape)  # exact: numpy's product would wrap around for huge shapes
     if name == "sentences" and datatype != "BYTES":
         raise _bad(f"input 'sentences' must be BYTES, got {datatype!r}")
     if name != "sentences" and datatype not in INT_TYPES:
@@ -128,7 +131,10 @@ def _decode_input(inp: dict, binary: memoryview, offset: int) -> tuple[str, np.n
         if datatype == "BYTES":
             if not all(isinstance(x, str) for x in flat):
                 raise _bad(f"input '{name}': BYTES data in JSON must be strings")
-            values = [x.encode("utf-8") for x in flat]
+            try:
+                values = [x.encode("utf-8") for x in flat]
+            except UnicodeEncodeError:  # a lone surrogate escape such as "\ud800"
+                raise _bad(f"input '{name}': BYTES data must be valid Unicode text") from None
         else:
             if not all(isinstance(x, int) and not isinstance(x, bool) for x in flat):
                 raise _bad(f"input '{name}': {datatype} data must be integers")
@@ -227,6 +233,7 @@ def add_routes(app: FastAPI, service: ScoringService) -> None:
         }
 
     async def infer(name: str, request: Request, version: Optional[str] = None):
+        await request.body()  # the whole body first: a slow client must not hold up a forming batch
         ticket = batcher.announce()  # a batch forming now waits for this request's tokens
         try:
             return await _infer(name, request, version, ticket)
@@ -238,7 +245,7 @@ def add_routes(app: FastAPI, service: ScoringService) -> None:
         body = _decompress(await request.body(), request.headers.get("content-encoding"), cfg.max_body_bytes)
         hlen = request.headers.get("inference-header-content-length")
         if hlen is not None:
-            if not hlen.strip().isdigit() or int(hlen) > len(body):
+            if not (hlen.strip().isascii() and hlen.strip().isdigit()) or int(hlen) > len(body):
                 raise _bad(f"Inference-Header-Content-Length={hlen!r} does not fit the {len(body)}-byte body")
             n = int(hlen)
             head_bytes, binary = body[:n], memoryview(body)[n:]
@@ -248,6 +255,8 @@ def add_routes(app: FastAPI, service: ScoringService) -> None:
             head = json.loads(head_bytes)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise _bad(f"malformed JSON inference header: {e}") from None
+        except RecursionError:
+            raise _bad("malformed JSON inference header: nested too deeply") from None
         if not isinstance(head, dict) or not isinstance(head.get("inputs"), list) or not head["inputs"]:
             raise _bad("the inference request must be an object with a non-empty 'inputs' list")
         tensors: dict[str, Any] = {}
@@ -291,26 +300,30 @@ def add_routes(app: FastAPI, service: ScoringService) -> None:
         else:
             raise _bad("missing input: give 'sentences' (BYTES) or 'tokens' + 'sequence_lengths'")
 
-        s = await service.score(prepared, ticket)
-        rewards = service.compat(s).astype(np.float32).reshape(-1, 1)
-        available = {"rewards": rewards}
-        if multi:
-            available["attributes"] = s.outputs.astype(np.float32)
-
+        output_names = ["rewards", "attributes"] if multi else ["rewards"]
         params = head.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise _bad("'parameters' must be an object")
         requested = head.get("outputs")
         if requested is None:
-            wanted = [(k, bool(params.get("binary_data_output", False))) for k in available]
+            wanted = [(k, bool(params.get("binary_data_output", False))) for k in output_names]
         else:
             if not isinstance(requested, list):
                 raise _bad("'outputs' must be a list")
             wanted = []
             for out in requested:
                 oname = out.get("name") if isinstance(out, dict) else None
-                if oname not in available:
-                    raise _bad(f"unknown output {oname!r}; this model has {', '.join(available)}")
+                if not isinstance(oname, str) or oname not in output_names:
+                    raise _bad(f"unknown output {oname!r}; this model has {', '.join(output_names)}")
                 oparams = out.get("parameters") or {}
+                if not isinstance(oparams, dict):
+                    raise _bad(f"output '{oname}': 'parameters' must be an object")
                 wanted.append((oname, bool(oparams.get("binary_data", False))))
+
+        s = await unless_disconnected(request.receive, service.score(prepared, ticket))
+        available = {"rewards": service.compat(s).astype(np.float32).reshape(-1, 1)}
+        if multi:
+            available["attributes"] = s.outputs.astype(np.float32)
 
         outputs_json, blobs = [], []
         for oname, as_binary in wanted:
