@@ -255,16 +255,18 @@ def build_dataset(
     if kind == "pairs":
         texts_c, texts_r, starts_c, starts_r, keys, margins, extras = [], [], [], [], [], [], []
         for ex in examples:
-            tc, sc = renderer.render(ex.prompt, ex.chosen, ex.where)
-            tr, sr = renderer.render(ex.prompt, ex.rejected, ex.where)
+            tc, sc, tr, sr = renderer.render_pair(ex.prompt, ex.chosen, ex.rejected, ex.where)
             if tc == tr:
                 report.exclude("identical_texts")
                 continue
             texts_c.append(tc), texts_r.append(tr), starts_c.append(sc), starts_r.append(sr)
             keys.append(_prompt_key(tc[:sc])), margins.append(np.nan if ex.margin is None else ex.margin)
             extras.append(_json_safe(ex.extra))
-        ids_c, _ = tokenize_texts(tokenizer, texts_c, starts_c, max_length, truncation, stats)
-        ids_r, _ = tokenize_texts(tokenizer, texts_r, starts_r, max_length, truncation, stats)
+        # chosen and rejected side by side: a pair's shared prompt is tokenized once where that is exact
+        texts, starts = [None] * (2 * len(texts_c)), [0] * (2 * len(texts_c))
+        texts[0::2], texts[1::2], starts[0::2], starts[1::2] = texts_c, texts_r, starts_c, starts_r
+        ids, _ = tokenize_texts(tokenizer, texts, starts, max_length, truncation, stats)
+        ids_c, ids_r = ids[0::2], ids[1::2]
         keep = []
         for i, (a, b) in enumerate(zip(ids_c, ids_r)):
             if len(a) == len(b) and np.array_equal(a, b):

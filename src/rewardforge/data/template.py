@@ -8,6 +8,8 @@ reproduce the text with ``tokenizer.apply_chat_template``.
 
 from __future__ import annotations
 
+import os
+
 from rewardforge.data.formats import Conversation
 from rewardforge.data.readers import DataError
 
@@ -37,6 +39,11 @@ def setup_template(tokenizer, template: str) -> str:
     return "tokenizer"
 
 
+def fast_paths_enabled() -> bool:
+    """Whether the exact fast paths of rendering and tokenization are on (``REWARDFORGE_FAST_PREPROCESS=0``: off)."""
+    return os.environ.get("REWARDFORGE_FAST_PREPROCESS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def _adds_bos(tokenizer) -> bool:
     bos = tokenizer.bos_token_id
     if bos is None:
@@ -45,22 +52,80 @@ def _adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
+_PLAIN_PREFIX = {"user": "Human: ", "assistant": "Assistant: "}
+
+
+def _plain_parts(messages) -> list[str] | None:
+    """Each message as PLAIN_TEMPLATE writes it, or None where only Jinja itself is sure to render the same.
+
+    Only plain ``dict`` messages whose role and content are exactly ``str`` qualify; for them the template's
+    output is ``'\\n\\n'.join`` of these parts (``role | capitalize`` is ``str.capitalize``). Anything else
+    (other mappings, str subclasses, None, missing keys, an empty list, which transformers rejects) goes to
+    Jinja, so errors are raised exactly as before.
+    """
+    if type(messages) is not list or not messages:
+        return None
+    parts = []
+    for m in messages:
+        if type(m) is not dict:
+            return None
+        role, content = m.get("role"), m.get("content")
+        if type(role) is not str or type(content) is not str:
+            return None
+        prefix = _PLAIN_PREFIX.get(role)
+        parts.append((prefix if prefix is not None else role.capitalize() + ": ") + content)
+    return parts
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    """Length of the longest common prefix (the character loop it replaces, in C: startswith and bisection)."""
+    if b.startswith(a):
+        return len(a)
+    lo, hi = 0, min(len(a), len(b))  # a[:lo] == b[:lo]; a[:hi + 1] != b[:hi + 1]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 class TextRenderer:
     """Renders (prompt, response) into one string plus the character where the response starts.
 
     The string is such that ``tokenizer(text)`` gives exactly the tokens the model reads: a BOS
     that the template writes and the tokenizer also adds is written only once.
+
+    With rewardforge's own ``plain`` template installed, messages are rendered by a pure-Python
+    equivalent of the Jinja template (byte-identical, see ``_plain_parts``; tests/test_preprocess_fast.py
+    checks it against ``apply_chat_template``). ``fast=False`` (or ``REWARDFORGE_FAST_PREPROCESS=0``)
+    always renders with Jinja.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, fast: bool | None = None):
         self.tokenizer = tokenizer
         self._strip_bos = tokenizer.bos_token if _adds_bos(tokenizer) else None
+        self.fast = fast_paths_enabled() if fast is None else bool(fast)
 
-    def _chat(self, messages: list, generation_prompt: bool) -> str:
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    def _finish(self, text: str) -> str:
         if self._strip_bos and text.startswith(self._strip_bos):
             text = text[len(self._strip_bos):]
         return text
+
+    def _plain_ok(self) -> bool:
+        # read on every call, as apply_chat_template reads it: the template may be changed after construction
+        return self.fast and self.tokenizer.chat_template == PLAIN_TEMPLATE
+
+    def _jinja(self, messages: list, generation_prompt: bool) -> str:
+        return self._finish(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt))
+
+    def _chat(self, messages: list, generation_prompt: bool) -> str:
+        if self._plain_ok():
+            parts = _plain_parts(messages)
+            if parts is not None:
+                return self._finish("\n\n".join(parts) + ("\n\nAssistant: " if generation_prompt else ""))
+        return self._jinja(messages, generation_prompt)
 
     def render(self, prompt: Conversation, response: Conversation, where: str = "") -> tuple[str, int]:
         """Return ``(text, response_start)``; ``text[:response_start]`` is the prompt part."""
@@ -75,8 +140,40 @@ class TextRenderer:
             head = self._chat(list(prompt), True) if prompt else ""
         except Exception as e:  # jinja errors, templates rejecting roles
             raise DataError(f"{where}: the chat template cannot render these messages ({type(e).__name__}: {e})") from None
-        n = min(len(head), len(full))
-        i = 0
-        while i < n and head[i] == full[i]:
-            i += 1
-        return full, i
+        return full, self._start(head, full)
+
+    def _start(self, head: str, full: str) -> int:
+        if not self.fast:  # the reference: character by character
+            n = min(len(head), len(full))
+            i = 0
+            while i < n and head[i] == full[i]:
+                i += 1
+            return i
+        return _common_prefix_length(head, full)
+
+    def render_pair(
+        self, prompt: Conversation, chosen: Conversation, rejected: Conversation, where: str = ""
+    ) -> tuple[str, int, str, int]:
+        """``render(prompt, chosen) + render(prompt, rejected)``, rendering the shared prompt once.
+
+        Same texts, same starts and the same first error as the two ``render`` calls.
+        """
+        if not self.fast or isinstance(prompt, str) or isinstance(chosen, str) or isinstance(rejected, str):
+            return (*self.render(prompt, chosen, where), *self.render(prompt, rejected, where))
+        try:
+            plain = self._plain_ok()
+            pp = _plain_parts(list(prompt)) if plain and prompt else None
+            cp = _plain_parts(list(chosen)) if pp is not None else None
+            rp = _plain_parts(list(rejected)) if cp is not None else None
+            if rp is not None:  # everything plain: join the parts (no Jinja at all)
+                body = "\n\n".join(pp)
+                full_c = self._finish(body + "\n\n" + "\n\n".join(cp))
+                head = self._finish(body + "\n\nAssistant: ")
+                full_r = self._finish(body + "\n\n" + "\n\n".join(rp))
+            else:  # in the order render() would: chosen text, prompt head, rejected text
+                full_c = self._chat(list(prompt) + list(chosen), False)
+                head = self._chat(list(prompt), True) if prompt else ""
+                full_r = self._chat(list(prompt) + list(rejected), False)
+        except Exception as e:  # jinja errors, templates rejecting roles
+            raise DataError(f"{where}: the chat template cannot render these messages ({type(e).__name__}: {e})") from None
+        return full_c, self._start(head, full_c), full_r, self._start(head, full_r)

@@ -8,15 +8,32 @@ Truncation (``data.truncation``):
 
 Special tokens the tokenizer adds at the start ([CLS], BOS) and at the end ([SEP], EOS) are
 always kept, so the token the reward is read at survives.
+
+Fast paths (on by default; ``fast=False`` or ``REWARDFORGE_FAST_PREPROCESS=0`` turns them off), each giving
+exactly the ids, lengths and truncation counts of the reference path (``tokenizer(...)`` with offsets on every
+text; tests/test_preprocess_fast.py compares them):
+
+* the Rust tokenizer is called directly, in the state ``tokenizer(...)`` puts it in, and offsets and special-token
+  masks are read only for the texts longer than ``max_length``. Used only where the transformers class does not
+  override the calling path, and only after a sample of the texts came out the same both ways;
+* prompt and response tokenized apart (the prompt once per pair when chosen and rejected share it, see
+  ``build_dataset``) where that is provably the same as tokenizing the text whole: a normalizer that works
+  character by character, a pre-tokenizer that always splits at whitespace and drops it (BERT/WordPiece style),
+  added tokens that cannot reach across whitespace, a post-processor that only puts fixed special tokens around
+  the text, and a prompt that ends with a space, tab or newline. Byte-level BPE and SentencePiece tokenizers,
+  whose tokens can run across that boundary, are tokenized whole. A sample is checked against the whole-text
+  tokenization on every call; any difference turns the split off.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from rewardforge.data.readers import DataError
+from rewardforge.data.template import fast_paths_enabled
 
 
 @dataclass
@@ -43,9 +60,23 @@ def truncate(
     ``response_start`` is the character where the response begins; content tokens that start
     before it ends are prompt tokens; a token that straddles the boundary belongs to the response.
     """
+
+    def split_at(lead: int, trail: int) -> int:
+        split = lead
+        while split < trail and offsets[split][1] <= response_start:  # a token reaching into the response is response
+            split += 1
+        return split
+
+    return _cut(ids, special, max_length, mode, split_at)
+
+
+def _cut(ids: list[int], special: list[int], max_length: int, mode: str, split_at) -> tuple[list[int], bool, bool]:
+    """``truncate`` with the first response token found by ``split_at(lead, trail)``."""
     n = len(ids)
     if n <= max_length:
         return ids, False, False
+    if not isinstance(ids, list):
+        ids = list(ids)
     lead = 0
     while lead < n and special[lead]:
         lead += 1
@@ -56,31 +87,28 @@ def truncate(
         raise DataError(
             f"data.max_length={max_length} leaves no room for content after the {lead + n - trail} special tokens"
         )
-    split = lead
-    while split < trail and offsets[split][1] <= response_start:  # a token reaching into the response is response
-        split += 1
-    prompt = list(range(lead, split))
-    response = list(range(split, trail))
+    split = split_at(lead, trail)
+    # prompt tokens: ids[p_start:split]; response tokens: ids[split:r_end]
+    p_start, r_end = lead, trail
     excess = n - max_length
     cut_prompt = cut_response = False
     order = ("prompt", "response") if mode == "prompt_left" else ("response", "prompt")
     for part in order:
-        if part == "prompt" and prompt and excess > 0:
-            k = min(excess, len(prompt))
-            prompt = prompt[k:]
+        if part == "prompt" and split > p_start and excess > 0:
+            k = min(excess, split - p_start)
+            p_start += k
             excess -= k
             cut_prompt = True
-        elif part == "response" and response and excess > 0:
+        elif part == "response" and r_end > split and excess > 0:
             # response_right keeps at least one response token and takes the rest from the prompt
-            k = min(excess, len(response) - (1 if mode == "response_right" else 0))
+            k = min(excess, r_end - split - (1 if mode == "response_right" else 0))
             if k > 0:
-                response = response[: len(response) - k]
+                r_end -= k
                 excess -= k
                 cut_response = True
     # max_length > number of special tokens, so the content left always covers the excess
     assert excess <= 0, "truncation arithmetic"
-    keep = list(range(lead)) + prompt + response + list(range(trail, n))
-    return [ids[i] for i in keep], cut_prompt, cut_response
+    return ids[:lead] + ids[p_start:split] + ids[split:r_end] + ids[trail:], cut_prompt, cut_response
 
 
 def tokenize_texts(
@@ -90,37 +118,273 @@ def tokenize_texts(
     max_length: int,
     mode: str,
     stats: TruncationStats,
-    batch_size: int = 1024,
+    batch_size: int = 2048,
+    fast: bool | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Tokenize in batches with the fast tokenizer.
+
+    Texts that share a prompt (``texts[i][:response_starts[i]]``) within a batch have it tokenized once
+    where the split path applies, so pass a pair's chosen and rejected texts next to each other.
 
     Returns:
         (int32 token arrays of at most ``max_length``, each text's length before truncation)
     """
+    if fast is None:
+        fast = fast_paths_enabled()
+    # small calls (serving, scoring a few texts): the sample check would cost more than the fast path saves
+    backend = _Backend.of(tokenizer) if fast and len(texts) >= _MIN_FAST else None
     out: list[np.ndarray] = []
     full_lengths = np.zeros(len(texts), np.int64)
     for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
-        enc = tokenizer(
-            chunk,
-            add_special_tokens=True,
-            truncation=False,
-            return_offsets_mapping=True,
-            return_special_tokens_mask=True,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-            verbose=False,
-        )
-        for j, ids in enumerate(enc["input_ids"]):
-            stats.sequences += 1
-            full_lengths[start + j] = len(ids)
-            if len(ids) > max_length:
-                new, cp, cr = truncate(
-                    ids, enc["offset_mapping"][j], enc["special_tokens_mask"][j], response_starts[start + j], max_length, mode
-                )
-                stats.truncated_prompt += cp
-                stats.truncated_response += cr
-                stats.tokens_removed += len(ids) - len(new)
-                ids = new
-            out.append(np.asarray(ids, dtype=np.int32))
+        chunk, starts = texts[start : start + batch_size], response_starts[start : start + batch_size]
+        if backend is not None and not backend.verified:
+            backend.verify(tokenizer, chunk, starts)
+            if not backend.direct:
+                backend = None
+        if backend is None:
+            ids_list = _tokenize_reference(tokenizer, chunk, starts, max_length, mode, stats)
+        else:
+            ids_list = backend.tokenize(chunk, starts, max_length, mode, stats)
+        for j, (ids, n) in enumerate(ids_list):
+            full_lengths[start + j] = n
+            out.append(np.array(ids, dtype=np.int32))
     return out, full_lengths
+
+
+def _count(stats: TruncationStats, ids: list[int], new: list[int], cp: bool, cr: bool) -> None:
+    stats.truncated_prompt += cp
+    stats.truncated_response += cr
+    stats.tokens_removed += len(ids) - len(new)
+
+
+def _tokenize_reference(tokenizer, texts, starts, max_length, mode, stats) -> list[tuple[list[int], int]]:
+    """The reference path: ``tokenizer(...)`` with offsets and special-token masks for every text."""
+    enc = tokenizer(
+        texts,
+        add_special_tokens=True,
+        truncation=False,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+        verbose=False,
+    )
+    result = []
+    for j, ids in enumerate(enc["input_ids"]):
+        stats.sequences += 1
+        n = len(ids)
+        if n > max_length:
+            new, cp, cr = truncate(ids, enc["offset_mapping"][j], enc["special_tokens_mask"][j], starts[j], max_length, mode)
+            _count(stats, ids, new, cp, cr)
+            ids = new
+        result.append((ids, n))
+    return result
+
+
+# transformers modules whose calling path (__call__ -> _encode_plus/_batch_encode_plus -> backend.encode_batch)
+# the direct path reproduces; a class overriding any of these methods elsewhere is tokenized the reference way
+_TRANSFORMERS_MODULES = frozenset({
+    "transformers.tokenization_utils_base", "transformers.tokenization_utils_fast", "transformers.tokenization_utils_tokenizers",
+})
+_CALL_PATH = ("__call__", "_call_one", "encode_plus", "batch_encode_plus", "_encode_plus", "_batch_encode_plus",
+              "set_truncation_and_padding", "_convert_encoding", "prepare_for_tokenization")
+# components under which tokenizing "prompt<whitespace>" and "response" apart equals tokenizing the whole text
+_SPLIT_NORMALIZERS = frozenset({"BertNormalizer", "Lowercase", "NFD", "StripAccents"})  # character by character
+_SPLIT_PRE_TOKENIZERS = frozenset({"BertPreTokenizer", "Whitespace", "WhitespaceSplit"})  # split at whitespace, drop it
+_SPLIT_MODELS = frozenset({"WordPiece", "WordLevel"})  # each pre-token on its own, deterministic
+_SPLIT_PROCESSORS = frozenset({"TemplateProcessing", "BertProcessing"})  # fixed tokens around the text
+_SPLIT_BOUNDARY = frozenset(" \t\n")
+_SAMPLE = 8  # texts compared with the reference before the fast path is trusted, once per call
+_MIN_FAST = 256  # fewer texts than this: the reference path
+
+
+def _component_types(component) -> list[str] | None:
+    """The component's type names (the members of a Sequence), from its JSON state; None if unreadable."""
+    import json
+
+    if component is None:
+        return []
+    try:
+        state = json.loads(component.__getstate__())
+    except Exception:
+        return None
+    if state.get("type") == "Sequence":
+        members = state.get("normalizers", state.get("pretokenizers", state.get("processors")))
+        if not isinstance(members, list):
+            return None
+        return [m.get("type") for m in members]
+    return [state.get("type")]
+
+
+class _Backend:
+    """Calls the Rust tokenizer behind a transformers fast tokenizer directly (see the module docstring)."""
+
+    def __init__(self, tokenizer, bk):
+        self.tokenizer, self.bk = tokenizer, bk
+        self.direct = True
+        self.verified = False
+        self.split = False
+        self.lead: list[int] = []
+        self.trail: list[int] = []
+        self._encode_fast = getattr(bk, "encode_batch_fast", None) or bk.encode_batch
+
+    @classmethod
+    def of(cls, tokenizer) -> "_Backend | None":
+        bk = getattr(tokenizer, "backend_tokenizer", None)
+        if bk is None or not getattr(tokenizer, "is_fast", False) or not hasattr(bk, "encode_batch"):
+            return None
+        klass = type(tokenizer)
+        for name in _CALL_PATH:
+            impl = getattr(klass, name, None)
+            if impl is not None and getattr(impl, "__module__", None) not in _TRANSFORMERS_MODULES:
+                return None
+        return cls(tokenizer, bk)
+
+    def _prepare(self) -> None:
+        """The state ``tokenizer(..., truncation=False, padding=False)`` sets before it encodes."""
+        bk = self.bk
+        if bk.truncation is not None:
+            bk.no_truncation()
+        if bk.padding is not None:
+            bk.no_padding()
+        want = bool(getattr(self.tokenizer, "split_special_tokens", False))
+        if hasattr(bk, "encode_special_tokens") and bk.encode_special_tokens != want:
+            bk.encode_special_tokens = want
+
+    def _split_possible(self) -> bool:
+        bk = self.bk
+        if type(bk.model).__name__ not in _SPLIT_MODELS:
+            return False
+        norm, pre, post = _component_types(bk.normalizer), _component_types(bk.pre_tokenizer), _component_types(bk.post_processor)
+        if norm is None or pre is None or post is None:
+            return False
+        if not set(norm) <= _SPLIT_NORMALIZERS or len(pre) != 1 or pre[0] not in _SPLIT_PRE_TOKENIZERS or len(post) > 1:
+            return False
+        if post and post[0] not in _SPLIT_PROCESSORS:
+            return False
+        try:
+            added = list(bk.get_added_tokens_decoder().values())
+        except Exception:
+            return False
+        for t in added:  # an added token matching across the boundary, or eating the whitespace, would join the parts
+            if t.lstrip or t.rstrip or any(c.isspace() for c in t.content) or not t.content:
+                return False
+        # the special tokens the post-processor puts around any text: the same for two different probes
+        around = set()
+        for probe in ("a", "hello world"):
+            whole, bare = self.bk.encode(probe, add_special_tokens=True), self.bk.encode(probe, add_special_tokens=False)
+            k = 0
+            while k < len(whole.ids) and whole.special_tokens_mask[k]:
+                k += 1
+            m = len(bare.ids)
+            if whole.ids[k : k + m] != bare.ids or any(bare.special_tokens_mask) or not all(whole.special_tokens_mask[k + m :]):
+                return False
+            around.add((tuple(whole.ids[:k]), tuple(whole.ids[k + m :])))
+        if len(around) != 1:
+            return False
+        lead, trail = around.pop()
+        self.lead, self.trail = list(lead), list(trail)
+        return True
+
+    def verify(self, tokenizer, texts: list[str], starts: list[int]) -> None:
+        """Compare a sample with the reference call; any difference: the direct path (or the split) is off."""
+        self.verified = True
+        sample_idx = _sample(texts, starts)
+        sample = [texts[i] for i in sample_idx]
+        ref = tokenizer(sample, add_special_tokens=True, truncation=False, return_offsets_mapping=True,
+                        return_special_tokens_mask=True, return_attention_mask=False, return_token_type_ids=False, verbose=False)
+        try:
+            self._prepare()
+            whole = self.bk.encode_batch(sample, add_special_tokens=True)
+        except Exception:
+            self.direct = False
+            return
+        for j, e in enumerate(whole):
+            if (e.ids != ref["input_ids"][j] or [tuple(o) for o in e.offsets] != [tuple(o) for o in ref["offset_mapping"][j]]
+                    or e.special_tokens_mask != ref["special_tokens_mask"][j]):
+                self.direct = False
+                return
+        try:
+            self.split = self._split_possible()
+        except Exception:
+            self.split = False
+        if not self.split:
+            return
+        for j, i in enumerate(sample_idx):
+            s = starts[i]
+            if not self._splittable(texts[i], s):
+                continue
+            head, resp = self._encode_fast([texts[i][:s], texts[i][s:]], add_special_tokens=False)
+            ids = self.lead + head.ids + resp.ids + self.trail
+            e = whole[j]
+            special = [1] * len(self.lead) + head.special_tokens_mask + resp.special_tokens_mask + [1] * len(self.trail)
+            split_ref = _first_response_token(e.offsets, e.special_tokens_mask, s)
+            if ids != e.ids or special != e.special_tokens_mask or split_ref != len(self.lead) + len(head.ids):
+                self.split = False
+                return
+
+    @staticmethod
+    def _splittable(text: str, start: int) -> bool:
+        return 0 < start and text[start - 1] in _SPLIT_BOUNDARY
+
+    def tokenize(self, texts, starts, max_length, mode, stats) -> list[tuple[list[int], int]]:
+        self._prepare()
+        result: list[Any] = [None] * len(texts)
+        whole_idx = list(range(len(texts)))
+        if self.split:
+            split_idx = [i for i in whole_idx if self._splittable(texts[i], starts[i])]
+            whole_idx = [i for i in whole_idx if not self._splittable(texts[i], starts[i])]
+            heads: dict[str, int] = {}
+            for i in split_idx:
+                heads.setdefault(texts[i][: starts[i]], len(heads))
+            pieces = list(heads) + [texts[i][starts[i]:] for i in split_idx]
+            encs = self._encode_fast(pieces, add_special_tokens=False) if pieces else []
+            head_ids = [e.ids for e in encs[: len(heads)]]
+            lead, trail, nl = self.lead, self.trail, len(self.lead)
+            for k, i in enumerate(split_idx):
+                h = heads[texts[i][: starts[i]]]
+                resp = encs[len(heads) + k]
+                ids = lead + head_ids[h] + resp.ids + trail
+                n = len(ids)
+                stats.sequences += 1
+                if n > max_length:
+                    special = [1] * nl + encs[h].special_tokens_mask + resp.special_tokens_mask + [1] * len(trail)
+                    hint = nl + len(head_ids[h])
+                    new, cp, cr = _cut(ids, special, max_length, mode, lambda lo, hi, hint=hint: min(max(hint, lo), hi))
+                    _count(stats, ids, new, cp, cr)
+                    ids = new
+                result[i] = (ids, n)
+        if whole_idx:
+            encs = self.bk.encode_batch([texts[i] for i in whole_idx], add_special_tokens=True)
+            for e, i in zip(encs, whole_idx):
+                ids = e.ids
+                n = len(ids)
+                stats.sequences += 1
+                if n > max_length:
+                    new, cp, cr = truncate(ids, e.offsets, e.special_tokens_mask, starts[i], max_length, mode)
+                    _count(stats, ids, new, cp, cr)
+                    ids = new
+                result[i] = (ids, n)
+        return result
+
+
+def _first_response_token(offsets, special, start: int) -> int:
+    n = len(offsets)
+    lead = 0
+    while lead < n and special[lead]:
+        lead += 1
+    trail = n
+    while trail > lead and special[trail - 1]:
+        trail -= 1
+    split = lead
+    while split < trail and offsets[split][1] <= start:
+        split += 1
+    return split
+
+
+def _sample(texts: list[str], starts: list[int]) -> list[int]:
+    """Up to _SAMPLE texts to verify on, spread evenly over the batch (the first one included)."""
+    n = len(texts)
+    if n <= _SAMPLE:
+        return list(range(n))
+    return sorted({(k * n) // _SAMPLE for k in range(_SAMPLE)})
