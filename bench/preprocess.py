@@ -12,6 +12,7 @@ Usage (from the project root):
 
     python bench/preprocess.py                          # MiniLM tokenizer, max_length 256
     python bench/preprocess.py --max-length 512 --repeats 3 --profile
+    python bench/preprocess.py --repeats 3 --reference   # also the reference path, run for run, and an output check
 """
 
 from __future__ import annotations
@@ -75,26 +76,27 @@ def stage_breakdown(files: list[str], tok, max_length: int, truncation: str) -> 
 
     t = time.perf_counter()
     renderer = TextRenderer(tok)
-    tc, sc, tr, sr, keys = [], [], [], [], []
+    texts, starts, keys = [], [], []
     for ex in examples:
-        a, b = renderer.render(ex.prompt, ex.chosen, ex.where)
-        c, d = renderer.render(ex.prompt, ex.rejected, ex.where)
+        a, b, c, d = renderer.render_pair(ex.prompt, ex.chosen, ex.rejected, ex.where)
         if a == c:
             continue
-        tc.append(a), sc.append(b), tr.append(c), sr.append(d)
+        texts += (a, c)
+        starts += (b, d)
         keys.append(D._prompt_key(a[:b]))
     out["render (chat template) + prompt keys"] = time.perf_counter() - t
 
     stats = TruncationStats()
     t = time.perf_counter()
-    enc = tok(tc[:1024], add_special_tokens=True, truncation=False, return_offsets_mapping=True,
-              return_special_tokens_mask=True, return_attention_mask=False, return_token_type_ids=False, verbose=False)
-    out["  of which: fast tokenizer alone, first 1024 texts"] = time.perf_counter() - t
-    del enc
-    t = time.perf_counter()
-    ids_c, _ = tokenize_texts(tok, tc, sc, max_length, truncation, stats)
-    ids_r, _ = tokenize_texts(tok, tr, sr, max_length, truncation, stats)
+    ids, _ = tokenize_texts(tok, texts, starts, max_length, truncation, stats)
     out["tokenize + truncate (tokenize_texts)"] = time.perf_counter() - t
+    ids_c, ids_r = ids[0::2], ids[1::2]
+    # the Rust tokenizer alone on the same texts, whole, with offsets (what the reference path asks for)
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        t = time.perf_counter()
+        backend.encode_batch(texts, add_special_tokens=True)
+        out["  (for scale: Rust encode_batch, all texts whole)"] = time.perf_counter() - t
 
     ds = D.PairDataset(ids_c, ids_r, np.full(len(ids_c), np.nan, np.float32), keys, [{} for _ in ids_c])
     tmp = Path(tempfile.mkdtemp(prefix="rf-prep-stage-"))
@@ -120,6 +122,9 @@ def main(argv=None) -> int:
     p.add_argument("--warm-repeats", type=int, default=3, help="cached runs, each in a new process; the median is reported")
     p.add_argument("--threads", type=int, default=None, help="RAYON_NUM_THREADS for the Rust tokenizer (default: all cores)")
     p.add_argument("--profile", action="store_true", help="also print the top functions of a cold run (cProfile)")
+    p.add_argument("--reference", action="store_true",
+                   help="also time the reference path (REWARDFORGE_FAST_PREPROCESS=0) cold, one run after each fast run, "
+                        "and check that both give the same dataset")
     p.add_argument("--no-stages", action="store_true", help="skip the stage-by-stage breakdown")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "preprocess.json"))
     p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
@@ -158,7 +163,21 @@ def main(argv=None) -> int:
         ds, rep = build_dataset(files, tok, kind="pairs", max_length=args.max_length, truncation=args.truncation, cache_dir=cache_dir)
         return time.perf_counter() - t0, ds, rep
 
-    cold, warm, warm_process = [], [], []
+    def build_reference(cache_dir):
+        os.environ["REWARDFORGE_FAST_PREPROCESS"] = "0"
+        try:
+            return build(cache_dir)
+        finally:
+            del os.environ["REWARDFORGE_FAST_PREPROCESS"]
+
+    def same_dataset(a, b) -> bool:
+        return (len(a) == len(b) and a.prompt_keys == b.prompt_keys
+                and all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a.chosen + a.rejected, b.chosen + b.rejected)))
+
+    import numpy as np
+
+    cold, warm, warm_process, ref_cold = [], [], [], []
+    ref_same = None
     report = None
     n_examples = 0
     prof_text = None
@@ -181,6 +200,16 @@ def main(argv=None) -> int:
                 secs, ds, rep = build(str(cache))
             cold.append(secs)
             report, n_examples = rep, len(ds)
+            if args.reference:  # same conditions, right after: the before/after comparison on a noisy machine
+                ref_cache = Path(tempfile.mkdtemp(prefix="rf-prep-ref-"))
+                try:
+                    r_secs, ds_ref, rep_ref = build_reference(str(ref_cache))
+                finally:
+                    shutil.rmtree(ref_cache, ignore_errors=True)
+                ref_cold.append(r_secs)
+                same = same_dataset(ds, ds_ref) and all(
+                    getattr(rep, k) == getattr(rep_ref, k) for k in ("rows_read", "examples", "excluded", "truncation"))
+                ref_same = same if ref_same is None else (ref_same and same)
             if i == 0:
                 # The cached second run, as a user gets it: a new process with the cache in place. The time is
                 # build_dataset's own (the child also reports its whole wall time: imports + tokenizer + build).
@@ -210,6 +239,9 @@ def main(argv=None) -> int:
         f"  import rewardforge.data {import_s:.2f} s, load tokenizer {tok_s:.2f} s (not counted below)",
         f"  cold (fresh cache dir): {best_cold:.2f} s = {rows / best_cold:,.0f} pairs/s   (runs: {', '.join(f'{c:.2f}' for c in cold)} s)",
         f"  warm (cached):          {med_warm:.3f} s = {rows / med_warm:,.0f} pairs/s   (runs: {', '.join(f'{w:.3f}' for w in warm)} s)",
+        *([f"  reference path (REWARDFORGE_FAST_PREPROCESS=0), cold, each run right after a fast one: {min(ref_cold):.2f} s = "
+           f"{rows / min(ref_cold):,.0f} pairs/s   (runs: {', '.join(f'{c:.2f}' for c in ref_cold)} s); fast/reference "
+           f"{min(ref_cold) / best_cold:.2f}x; same dataset and counts: {'yes' if ref_same else 'NO'}"] if ref_cold else []),
         f"  warm speed-up: {best_cold / med_warm:.1f}x   (warm = build_dataset in a new process with the cache in place; "
         f"that whole process incl. imports and tokenizer load: {statistics.median(warm_process):.2f} s)",
         f"  same-process second call with the same tokenizer object: {inproc['seconds']:.2f} s, "
@@ -241,6 +273,7 @@ def main(argv=None) -> int:
         "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "files": files, "pairs": rows, "examples": n_examples, "cold_s": cold, "warm_s": warm, "warm_process_wall_s": warm_process,
         "same_process_second_call": inproc,
+        "reference_cold_s": ref_cold, "reference_same_output": ref_same,
         "cold_pairs_per_s": rows / best_cold, "warm_pairs_per_s": rows / med_warm, "warm_speedup": best_cold / med_warm,
         "report": report.as_dict() | {"sources": None, "bad_row_messages": report.bad_row_messages[:5]},
         "stages_s": stages, "goals": goals, "load_average": os.getloadavg(), "table": text,

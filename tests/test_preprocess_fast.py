@@ -324,7 +324,7 @@ def test_a_wrong_split_is_caught_and_falls_back(monkeypatch, tokenizers):
     backend.verified, backend.split = True, True
     unchecked = backend.tokenize(texts, starts, 1000, "prompt_left", T.TruncationStats())
     ref = T._tokenize_reference(tok, texts, starts, 1000, "prompt_left", T.TruncationStats())
-    assert [ids for ids, _ in unchecked] != [ids for ids, _ in ref]
+    assert [x.tolist() for x in unchecked[0]] != [x.tolist() for x in ref[0]]
     # checked: split off, results the reference's
     backend = T._Backend.of(tok)
     backend.verify(tok, texts, starts)
@@ -424,3 +424,31 @@ def test_build_dataset_same_error_for_a_too_small_max_length(monkeypatch, tmp_pa
                 _build(monkeypatch, fast, [f], tok, kind="pairs", max_length=2 if kind == "bert" else 1)
             msgs.append(str(e.value))
         assert msgs[0] == msgs[1]
+
+
+# ------------------------------------------------------------------ the cache key's tokenizer fingerprint
+
+
+def test_tokenizer_fingerprint_ignores_call_state_and_sees_real_changes(tokenizers):
+    from tokenizers import normalizers
+
+    from rewardforge.data.datasets import _backend_parts, tokenizer_fingerprint
+
+    tok = _minilm()
+    assert tok.backend_tokenizer.truncation is not None  # as shipped: reset by the first call
+    before = tokenizer_fingerprint(tok)
+    tok("hello", truncation=False)
+    assert tok.backend_tokenizer.truncation is None
+    assert tokenizer_fingerprint(tok) == before == tokenizer_fingerprint(_minilm())
+    assert _backend_parts(tok.backend_tokenizer) is not None  # the fast serialization, not the JSON fallback
+
+    tok.chat_template = PLAIN_TEMPLATE
+    with_template = tokenizer_fingerprint(tok)
+    assert with_template != before
+    tok.add_tokens(["<new_token>"])
+    with_token = tokenizer_fingerprint(tok)
+    assert with_token != with_template
+    tok.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert tokenizer_fingerprint(tok) != with_token
+    prints = {tokenizer_fingerprint(tokenizers(k)) for k in KINDS}
+    assert len(prints) == len(KINDS)

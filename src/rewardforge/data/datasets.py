@@ -117,7 +117,12 @@ def default_cache_dir() -> Path:
 def tokenizer_fingerprint(tokenizer) -> str:
     h = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None:
+    parts = _backend_parts(backend) if backend is not None else None
+    if parts is not None:
+        for part in parts:
+            h.update(len(part).to_bytes(8, "little"))
+            h.update(part)
+    elif backend is not None:
         # Without the truncation/padding state: transformers resets it on the first call, and the
         # same tokenizer must hit the cache before and after that.
         state = json.loads(backend.to_str())
@@ -128,6 +133,23 @@ def tokenizer_fingerprint(tokenizer) -> str:
     h.update(json.dumps([str(tokenizer.bos_token), str(tokenizer.eos_token), str(tokenizer.pad_token)]).encode())
     h.update(str(getattr(tokenizer, "chat_template", "")).encode())
     return h.hexdigest()
+
+
+def _backend_parts(backend) -> list[bytes] | None:
+    """Everything in the backend's tokenizer.json except the truncation/padding state (which transformers
+    resets on the first call: the same tokenizer must hit the cache before and after that), each part
+    serialized by the Rust library itself. Hashing the whole JSON through Python's json (sorted keys, a
+    30k-entry vocabulary) cost 0.02-0.25 s per build, most of a cached run. None: a part cannot be serialized."""
+    try:
+        parts = [b"v2"]
+        for component in (backend.normalizer, backend.pre_tokenizer, backend.post_processor, backend.decoder, backend.model):
+            state = b"null" if component is None else component.__getstate__()
+            parts.append(state.encode() if isinstance(state, str) else bytes(state))
+        added = sorted(backend.get_added_tokens_decoder().items())
+        parts.append(json.dumps([[i, t.content, t.single_word, t.lstrip, t.rstrip, t.normalized, t.special] for i, t in added]).encode())
+        return parts
+    except Exception:
+        return None
 
 
 def _save_cache(path: Path, ds, report: DataReport) -> None:
@@ -157,7 +179,8 @@ def _load_cache(path: Path):
             if key.startswith("seq_") and key.endswith("_ids"):
                 name = key[4:-4]
                 flat, lengths = z[key], z[f"seq_{name}_len"]
-                seqs[name] = np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
+                ends = np.cumsum(lengths).tolist()
+                seqs[name] = [flat[e - n : e] for e, n in zip(ends, lengths.tolist())]  # views, as np.split gives
             elif key.startswith("arr_"):
                 arrays[key[4:]] = z[key]
     cls = PairDataset if meta["kind"] == "pairs" else RatedDataset
