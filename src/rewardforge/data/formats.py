@@ -6,18 +6,28 @@ Supported formats (``data.format``):
 * ``implicit_prompt``  ``{"chosen", "rejected"}`` whole dialogues (HH-RLHF); the shared prompt is split
                        off at the last common assistant-turn boundary
 * ``conversational``   ``chosen`` / ``rejected`` as lists of ``{"role", "content"}`` messages
-* ``nemo_comparison``  consecutive lines ``{"text": prompt+chosen}``, ``{"text": prompt+rejected}``
+* ``nemo_comparison``  consecutive lines ``{"text": prompt+chosen}``, ``{"text": prompt+rejected}``; other
+                       fields of both lines go to ``extra`` (the second line's value where both have one)
 * ``regression``       ``{"prompt", "response", "labels": {"attr": value}}``
 * ``nemo_regression``  ``{"text", "label": [v, ...]}`` with -100 marking a missing attribute
 
 An optional ``margin`` is kept; every other field goes to ``extra`` (e.g. ``subset``) for evaluation.
+
+Text is kept exactly as read (no stripping, no Unicode normalisation). A row is bad, and raises
+:class:`DataError` naming its ``file:line`` and field (or is skipped and counted with
+``skip_bad_rows``), when a field is missing or of the wrong type, a top-level text field
+(``prompt``, ``chosen``, ``rejected``, ``response``, ``text``) is the empty string, a string holds a
+lone UTF-16 surrogate (a broken ``\\uXXXX`` escape, which no tokenizer can encode), a number is not
+finite, or, with ``format: auto``, the row has the fields of another format than the file's first
+row. An empty turn *inside* a dialogue (e.g. HH-RLHF's ``"...\\n\\nAssistant:"``) is kept: it is a
+real, sometimes preferred, empty reply.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Iterator, Union
 
 from rewardforge.data.readers import DataError, Row
@@ -69,7 +79,11 @@ class ParseReport:
 
 
 def detect_format(record: Any, where: str) -> str:
-    """Pick the format from the keys of the first row."""
+    """Pick the format from the keys of the first row.
+
+    The most specific signature wins, so an extra field (say a ``text`` column kept next to
+    ``prompt``/``response``/``labels``) does not turn rated rows into NeMo comparison lines.
+    """
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
     keys = set(record)
@@ -77,12 +91,12 @@ def detect_format(record: Any, where: str) -> str:
         if "prompt" in keys:
             return "explicit"
         return "conversational" if isinstance(record["chosen"], list) else "implicit_prompt"
+    if "labels" in keys and "response" in keys:
+        return "regression"
     if "text" in keys and "label" in keys:
         return "nemo_regression"
     if "text" in keys:
         return "nemo_comparison"
-    if "labels" in keys and "response" in keys:
-        return "regression"
     raise DataError(
         f"{where}: cannot tell the data format from the fields {sorted(keys)}; expected prompt/chosen/rejected, "
         "chosen/rejected, text (NeMo comparison), prompt/response/labels or text/label (NeMo regression). "
@@ -91,6 +105,38 @@ def detect_format(record: Any, where: str) -> str:
 
 
 # ------------------------------------------------------------------ field checks
+
+# The fields each format needs (for the "which field is missing" part of an error).
+REQUIRED_FIELDS = {
+    "explicit": ("prompt", "chosen", "rejected"),
+    "implicit_prompt": ("chosen", "rejected"),
+    "conversational": ("chosen", "rejected"),
+    "nemo_comparison": ("text",),
+    "regression": ("response", "labels"),
+    "nemo_regression": ("text", "label"),
+}
+_SKIP_HINT = "set data.skip_bad_rows=true to skip such rows"
+
+
+def _unicode(value: str, where: str, name: str) -> str:
+    """``value`` unchanged, or an error when it holds a lone surrogate (cannot be encoded as UTF-8)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(
+            f"{where}: field {name} holds a lone UTF-16 surrogate {value[e.start]!r} at character {e.start}, which is not "
+            "valid Unicode (usually a broken \\uXXXX escape in the JSON); fix the text or " + _SKIP_HINT
+        ) from None
+    return value
+
+
+def _text(value: Any, where: str, name: str, what: str = "a string") -> str:
+    """A top-level text field: a non-empty, valid Unicode string, returned unchanged."""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} must be {what}, got {_describe(value)}")
+    if not value:
+        raise DataError(f"{where}: field {name!r} is an empty string; give it text or {_SKIP_HINT}")
+    return _unicode(value, where, repr(name))
 
 
 def _messages(value: Any, where: str, name: str) -> list[Message]:
@@ -102,14 +148,17 @@ def _messages(value: Any, where: str, name: str) -> list[Message]:
             raise DataError(
                 f"{where}: field {name!r}[{i}] must be a message {{\"role\": str, \"content\": str}}, got {_describe(m)}"
             )
-        out.append({"role": m["role"], "content": m["content"]})
+        if not m["role"]:
+            raise DataError(f"{where}: field {name!r}[{i}]['role'] is an empty string; use user, assistant or system")
+        out.append({"role": _unicode(m["role"], where, f"{name!r}[{i}]['role']"),
+                    "content": _unicode(m["content"], where, f"{name!r}[{i}]['content']")})
     return out
 
 
 def _conversation(value: Any, where: str, name: str, role: str) -> Conversation:
     """A string becomes one message of ``role``; a list must be messages."""
     if isinstance(value, str):
-        return [{"role": role, "content": value}]
+        return [{"role": role, "content": _text(value, where, name)}]
     if isinstance(value, list):
         return _messages(value, where, name)
     raise DataError(f"{where}: field {name!r} must be a string or a list of messages, got {_describe(value)}")
@@ -123,9 +172,13 @@ def _describe(value: Any) -> str:
 def _number(value: Any, where: str, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise DataError(f"{where}: field {name!r} must be a number, got {_describe(value)}")
-    if not math.isfinite(value):
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float range
+        raise DataError(f"{where}: field {name!r} must be finite, got an integer of {len(str(abs(value)))} digits") from None
+    if not math.isfinite(number):
         raise DataError(f"{where}: field {name!r} must be finite, got {value}")
-    return float(value)
+    return number
 
 
 def _require(record: Any, keys: Iterable[str], where: str, fmt: str) -> None:
@@ -154,7 +207,9 @@ _HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
 def parse_dialogue(text: str) -> list[Message] | None:
     """Split an HH-RLHF style ``\\n\\nHuman: ...\\n\\nAssistant: ...`` string into messages.
 
-    Returns None when the text has no such turn markers (it is then used verbatim).
+    Returns None when the text has no such turn markers (it is then used verbatim). A turn's content
+    is the text between its marker (``"\\n\\nHuman:"`` plus at most one space) and the next marker,
+    unchanged; text before the first marker becomes a ``system`` turn unless it is only whitespace.
     """
     parts = _HH_TURN.split(text)
     if len(parts) < 3:
@@ -209,6 +264,13 @@ def _parse_pair(record: Any, where: str, fmt: str) -> PreferencePair:
         prompt = _conversation(record["prompt"], where, "prompt", "user")
         chosen = _conversation(record["chosen"], where, "chosen", "assistant")
         rejected = _conversation(record["rejected"], where, "rejected", "assistant")
+        for name, side in (("chosen", chosen), ("rejected", rejected)):
+            if isinstance(record[name], list) and len(side) > len(prompt) and side[: len(prompt)] == prompt:
+                # The conversational layout with an extra 'prompt' column: the prompt would be read twice.
+                raise DataError(
+                    f"{where}: field {name!r} starts with the prompt's messages, so the prompt would appear twice; "
+                    "for whole conversations in chosen/rejected set data.format=conversational (the 'prompt' field is then kept as metadata)"
+                )
         used = {"prompt", "chosen", "rejected", "margin"}
     elif fmt in ("implicit_prompt", "conversational"):
         _require(record, ("chosen", "rejected"), where, fmt)
@@ -217,8 +279,7 @@ def _parse_pair(record: Any, where: str, fmt: str) -> PreferencePair:
             cm, rm = _messages(c, where, "chosen"), _messages(r, where, "rejected")
         else:
             for name, v in (("chosen", c), ("rejected", r)):
-                if not isinstance(v, str):
-                    raise DataError(f"{where}: field {name!r} must be a string (a whole dialogue), got {_describe(v)}")
+                _text(v, where, name, "a string (a whole dialogue)")
             cm, rm = parse_dialogue(c), parse_dialogue(r)
             if cm is None or rm is None:
                 # No turn markers: the shared text prefix is the prompt, used verbatim.
@@ -233,15 +294,15 @@ def _parse_pair(record: Any, where: str, fmt: str) -> PreferencePair:
 
 def _nemo_text(record: Any, where: str) -> str:
     _require(record, ("text",), where, "nemo_comparison")
-    if not isinstance(record["text"], str):
-        raise DataError(f"{where}: field 'text' must be a string, got {_describe(record['text'])}")
-    return record["text"]
+    return _text(record["text"], where, "text")
 
 
 def _parse_rated(record: Any, where: str, fmt: str, attributes: list[str]) -> RatedResponse:
     if fmt == "regression":
         _require(record, ("response", "labels"), where, fmt)
-        prompt = _conversation(record.get("prompt", []), where, "prompt", "user") if record.get("prompt") else []
+        # The prompt is optional: a missing or null prompt (or an empty message list) is no prompt.
+        raw_prompt = record.get("prompt")
+        prompt = [] if raw_prompt is None or raw_prompt == [] else _conversation(raw_prompt, where, "prompt", "user")
         response = _conversation(record["response"], where, "response", "assistant")
         raw = record["labels"]
         if not isinstance(raw, dict):
@@ -253,8 +314,7 @@ def _parse_rated(record: Any, where: str, fmt: str, attributes: list[str]) -> Ra
         extra = _extra(record, {"prompt", "response", "labels"})
     elif fmt == "nemo_regression":
         _require(record, ("text", "label"), where, fmt)
-        if not isinstance(record["text"], str):
-            raise DataError(f"{where}: field 'text' must be a string, got {_describe(record['text'])}")
+        _text(record["text"], where, "text")
         raw = record["label"]
         if isinstance(raw, (int, float)) and not isinstance(raw, bool):
             raw = [raw]
@@ -275,13 +335,40 @@ def _parse_rated(record: Any, where: str, fmt: str, attributes: list[str]) -> Ra
 
 
 def _apply_field_map(row: Row, field_map: dict[str, str]) -> Row:
+    """Rename the row's columns; all renames read the original row, so swapping two names works."""
     if not field_map or not isinstance(row.data, dict):
         return row
-    data = dict(row.data)
+    original = row.data
+    renamed = set(field_map.values())
+    data = {k: v for k, v in original.items() if k not in renamed}
     for ours, theirs in field_map.items():
-        if theirs in data:
-            data[ours] = data.pop(theirs)
-    return Row(data, row.source, row.index)
+        if theirs in original:
+            if ours in data:
+                raise DataError(
+                    f"{row.where}: data.field_map renames field {theirs!r} to {ours!r}, but the row also has a field {ours!r}; "
+                    "one of the two would be lost: rename or drop one of them"
+                )
+            data[ours] = original[theirs]
+    return replace(row, data=data)
+
+
+def _same_format(record: Any, where: str, fmt: str, first: str) -> str:
+    """With ``format: auto``: the row's format, which must be its file's (that of the first row, ``first``).
+
+    HH-style text dialogues and message lists may alternate row by row (both parse the same way).
+    """
+    try:
+        own = detect_format(record, where)
+    except DataError:
+        return fmt  # not another format's row; parsing names the missing or wrong field
+    if own == fmt or {own, fmt} <= {"implicit_prompt", "conversational"}:
+        return own
+    missing = [k for k in REQUIRED_FIELDS[fmt] if k not in record]
+    lacks = f"; it lacks field {missing[0]!r} of format {fmt!r}" if missing else ""
+    raise DataError(
+        f"{where}: this row has the fields of format {own!r} ({sorted(record)}), but {first}, the first row of this file, "
+        f"is format {fmt!r}{lacks}. One file must hold one format: fix the row, split the file, or set data.format"
+    )
 
 
 def parse_rows(
@@ -325,16 +412,17 @@ def parse_rows(
         if pending is not None and pending.source != row.source:
             first, pending = pending, None
             bad(unpaired(first))
-        row = _apply_field_map(row, field_map or {})
         second = pos % 2 == 1
         try:
             if isinstance(row.data, DataError):
                 raise row.data
+            row = _apply_field_map(row, field_map or {})
             row_fmt = fmt
             if row_fmt == "auto":
                 if row.source not in detected:
-                    detected[row.source] = detect_format(row.data, row.where)
-                row_fmt = detected[row.source]
+                    detected[row.source] = (detect_format(row.data, row.where), row.where)
+                row_fmt, first_where = detected[row.source]
+                row_fmt = _same_format(row.data, row.where, row_fmt, first_where)
             if row_fmt in RATED_FORMATS:
                 if not attributes:
                     raise DataError("model.attributes is empty; a regression model needs the attribute names")
@@ -342,15 +430,17 @@ def parse_rows(
             elif row_fmt == "nemo_comparison":
                 text = _nemo_text(row.data, row.where)
                 if not second:
-                    pending = Row(text, row.source, row.index)
+                    pending = replace(row, data=(text, _extra(row.data, {"text"})))
                     continue
                 if pending is None:  # the first line of this pair was bad (and skipped)
                     report.skip("bad_row", f"{row.where}: skipped because the other line of its NeMo comparison pair is bad")
                     continue
                 first, pending = pending, None
-                n = _common_prefix(first.data, text)
-                extra = _extra(row.data, {"text"})
-                yield PreferencePair(first.data[:n], first.data[n:], text[n:], None, extra, f"{first.where}-{row.index}")
+                first_text, first_extra = first.data
+                n = _common_prefix(first_text, text)
+                # Both lines' other fields are kept; where both lines have one, the second line's value wins.
+                extra = {**first_extra, **_extra(row.data, {"text"})}
+                yield PreferencePair(first_text[:n], first_text[n:], text[n:], None, extra, f"{first.where}-{row.index}")
             else:
                 yield _parse_pair(row.data, row.where, row_fmt)
         except DataError as err:
