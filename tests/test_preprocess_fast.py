@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -147,6 +148,16 @@ def test_hh_sample_identical(monkeypatch, tmp_path, tokenizers, kind, template):
     for max_length, truncation in ((256, "prompt_left"), (64, "response_right")):
         _, rep = _compare_builds(monkeypatch, files, tok, kind="pairs", max_length=max_length, truncation=truncation)
         assert rep.rows_read == 400 and rep.truncation["truncated_prompt"] > 0
+
+
+@pytest.mark.skipif(not os.environ.get("REWARDFORGE_TEST_FULL_HH"), reason="all 8,552 pairs take ~30 s: set REWARDFORGE_TEST_FULL_HH=1")
+def test_hh_all_pairs_identical_minilm(monkeypatch, tokenizers):
+    files = sorted(HH.glob("*.jsonl.gz"))
+    if not files:
+        pytest.skip(f"HH-RLHF data not found in {HH}")
+    tok = tokenizers("minilm", "plain")
+    _, rep = _compare_builds(monkeypatch, files, tok, kind="pairs", max_length=256)
+    assert rep.rows_read == 8552
 
 
 def test_hh_sample_uses_the_split_path_for_minilm(tmp_path, tokenizers):
@@ -306,6 +317,54 @@ def test_split_path_only_for_wordpiece_style_tokenizers(tokenizers):
         backend.verify(tok, texts, starts)
         assert backend.direct, kind
         assert backend.split is split, kind
+
+
+def _variant(normalizer, pre_tokenizer, model: str = "wordpiece"):
+    """A small trained tokenizer with the given normalizer and pre-tokenizer, [CLS] ... [SEP] around the text."""
+    from conftest import CORPUS
+    from tokenizers import Tokenizer, models, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+    if model == "wordpiece":
+        tok, trainer = Tokenizer(models.WordPiece(unk_token="[UNK]")), trainers.WordPieceTrainer(vocab_size=300, special_tokens=specials)
+    else:
+        tok, trainer = Tokenizer(models.Unigram()), trainers.UnigramTrainer(vocab_size=300, special_tokens=specials, unk_token="[UNK]")
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+    tok.train_from_iterator(CORPUS, trainer)
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]")
+    setup_template(t, "plain")
+    return t
+
+
+def _variants():
+    from tokenizers import normalizers as N
+    from tokenizers import pre_tokenizers as P
+
+    return [  # (name, tokenizer, split expected)
+        ("nfd-lower-strip+whitespace", _variant(N.Sequence([N.NFD(), N.Lowercase(), N.StripAccents()]), P.Whitespace()), True),
+        ("lower+whitespacesplit", _variant(N.Lowercase(), P.WhitespaceSplit()), True),
+        ("none+bert", _variant(None, P.BertPreTokenizer()), True),
+        ("nfkc+bert", _variant(N.NFKC(), P.BertPreTokenizer()), False),  # NFKC not on the list: whole texts
+        ("metaspace-unigram", _variant(None, P.Metaspace(), model="unigram"), False),  # SentencePiece style
+        ("bert+digits", _variant(N.Lowercase(), P.Sequence([P.BertPreTokenizer(), P.Digits()])), False),
+    ]
+
+
+def test_other_normalizers_and_pre_tokenizers():
+    texts, starts = [t for t, _ in CASES], [s for _, s in CASES]
+    for name, tok, split in _variants():
+        backend = T._Backend.of(tok)
+        backend.verify(tok, texts, starts)
+        assert backend.direct and backend.split is split, name
+        for max_length in (5, 16, 1000):
+            for mode in ("prompt_left", "response_right"):
+                got = T.tokenize_texts(tok, texts, starts, max_length, mode, s1 := T.TruncationStats(), fast=True)
+                want = T.tokenize_texts(tok, texts, starts, max_length, mode, s2 := T.TruncationStats(), fast=False)
+                assert [x.tolist() for x in got[0]] == [x.tolist() for x in want[0]], (name, max_length, mode)
+                assert got[1].tolist() == want[1].tolist() and s1 == s2, (name, max_length, mode)
 
 
 def test_a_wrong_split_is_caught_and_falls_back(monkeypatch, tokenizers):

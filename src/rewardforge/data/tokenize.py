@@ -324,7 +324,7 @@ class _Backend:
 
     @staticmethod
     def _splittable(text: str, start: int) -> bool:
-        return 0 < start and text[start - 1] in _SPLIT_BOUNDARY
+        return 0 < start <= len(text) and text[start - 1] in _SPLIT_BOUNDARY
 
     def tokenize(self, texts, starts, max_length, mode, stats) -> tuple[list[np.ndarray], list[int]]:
         """(int32 arrays, lengths before truncation) of ``texts``, in order. The id lists become arrays at once:
