@@ -40,6 +40,8 @@ from rewardforge.data import DataError, TextRenderer, build_dataset, parse_rows,
 from rewardforge.data.formats import REQUIRED_FIELDS, ParseReport, PreferencePair, RatedResponse
 from rewardforge.models import load_tokenizer
 
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # e.g. numpy overflowing a value to inf
+
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
@@ -102,7 +104,8 @@ content = st.one_of(st.just(""), text)  # a turn inside a conversation may be em
 role = st.one_of(st.sampled_from(["user", "assistant", "system"]), text)
 message = st.fixed_dictionaries({"role": role, "content": content})
 messages = st.lists(message, min_size=1, max_size=3)
-finite = st.one_of(st.floats(allow_nan=False, allow_infinity=False), st.integers(-(10**6), 10**6))
+FLOAT32_MAX = 3.4028234663852886e38  # margins and labels are stored as float32: larger ones are bad rows
+finite = st.one_of(st.floats(-FLOAT32_MAX, FLOAT32_MAX), st.integers(-(10**6), 10**6))
 json_scalar = st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63), st.floats(allow_nan=False, allow_infinity=False), text)
 json_value = st.recursive(json_scalar, lambda v: st.one_of(st.lists(v, max_size=3), st.dictionaries(text, v, max_size=3)), max_leaves=6)
 extra_key = text.filter(lambda k: k not in KNOWN)
@@ -431,7 +434,8 @@ def test_valid_rows_round_trip_exactly(data):
 WRONG_TEXT = st.one_of(st.integers(), st.floats(allow_nan=False), st.booleans(), st.none(), st.just([]), st.just({}),
                        st.lists(st.integers(), min_size=1, max_size=2), st.dictionaries(text, text, min_size=1, max_size=1))
 WRONG_NUMBER = st.one_of(text, st.booleans(), st.lists(st.integers(), max_size=2), st.dictionaries(text, st.integers(), max_size=1))
-NONFINITE = st.sampled_from([math.nan, math.inf, -math.inf])
+NONFINITE = st.one_of(st.sampled_from([math.nan, math.inf, -math.inf]),  # or beyond float32 (it would become inf)
+                      st.floats(3.5e38, 1.7e308), st.floats(-1.7e308, -3.5e38), st.just(10**39))
 BAD_UTF8 = [b"\xff", b"\xc3(", b"\xed\xa0\x80", b"\xc0\x80", b"\xe2\x82", b"\x80", b"\xf8\x88\x80\x80\x80"]
 
 TEXT_FIELDS = {
@@ -522,13 +526,13 @@ def corrupt(draw, fmt: str, rec: dict, reader: str, auto: bool, other_rows, inde
         if fmt == "regression":
             a = draw(st.sampled_from(ATTRS))
             rec["labels"][a] = bad
-            return rec, None, [f"labels.{a}", "finite"]
+            return rec, None, [f"labels.{a}"]
         if fmt == "nemo_regression":
             i = draw(st.integers(0, len(ATTRS) - 1))
             rec["label"][i] = bad
-            return rec, None, [f"label[{i}]", "finite"]
+            return rec, None, [f"label[{i}]"]
         rec["margin"] = bad
-        return rec, None, ["'margin'", "finite"]
+        return rec, None, ["'margin'"]
     if kind == "huge_number":  # written by hand: json.dumps refuses integers of more than 4300 digits
         digits = draw(st.sampled_from([400, 5000]))
         placeholder = "__BIG__"
@@ -618,7 +622,7 @@ def test_bad_rows_raise_a_named_error_or_are_skipped_and_counted(data):
     with tempfile.TemporaryDirectory() as d:
         try:
             path, wheres = write(reader, d, bad_records, lines=lines)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, OverflowError):
             assume(False)  # a table cannot hold these mixed types (that is Parquet's rule, not ours)
         fmt_arg = "auto" if auto else fmt
         with pytest.raises(DataError) as e:
@@ -729,7 +733,7 @@ def test_truncated_gzip(data):
     count("truncated_gzip")
     reader = data.draw(st.sampled_from(["jsonl.gz", "json.gz", "parquet.gz"]), "reader")
     fmt = data.draw(st.sampled_from(["explicit", "regression"]), "format")
-    records, expected = data.draw(GENERATORS[fmt](data.draw(st.integers(1, 30)), reader == "parquet.gz"), "rows")
+    records, expected = data.draw(GENERATORS[fmt](data.draw(st.integers(1, 15)), reader == "parquet.gz"), "rows")
     with tempfile.TemporaryDirectory() as d:
         path, wheres = write(reader, d, records)
         blob = Path(path).read_bytes()
@@ -849,7 +853,7 @@ def test_huge_strings_round_trip(data, tok):
     count("huge_strings")
     reader = data.draw(st.sampled_from(READERS), "reader")
     unit = data.draw(text, "unit")
-    size = data.draw(st.sampled_from([1 << 20, 3 << 20]), "size")
+    size = data.draw(st.sampled_from([1 << 20, 2 << 20]), "size")
     big = (unit * (size // len(unit.encode()) + 1))
     rec = {"prompt": big, "chosen": "short " + unit, "rejected": big + "!"}
     with tempfile.TemporaryDirectory() as d:

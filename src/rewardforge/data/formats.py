@@ -39,6 +39,7 @@ PAIR_FORMATS = ("explicit", "implicit_prompt", "conversational", "nemo_compariso
 RATED_FORMATS = ("regression", "nemo_regression")
 FORMATS = ("auto",) + PAIR_FORMATS + RATED_FORMATS
 NEMO_MISSING_LABEL = -100
+FLOAT32_MAX = 3.4028234663852886e38  # margins and labels are stored as float32
 
 
 @dataclass
@@ -178,6 +179,8 @@ def _number(value: Any, where: str, name: str) -> float:
         raise DataError(f"{where}: field {name!r} must be finite, got an integer of {len(str(abs(value)))} digits") from None
     if not math.isfinite(number):
         raise DataError(f"{where}: field {name!r} must be finite, got {value}")
+    if abs(number) > FLOAT32_MAX:  # margins and labels are stored as float32: this would become inf
+        raise DataError(f"{where}: field {name!r} is too large ({value:.4g}); margins and labels are stored as 32-bit floats, at most {FLOAT32_MAX:.4g} in size")
     return number
 
 
