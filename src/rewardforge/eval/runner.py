@@ -122,7 +122,9 @@ def _parse_best_of_n(row: Row) -> BestOfN:
     best = rec["best"]
     if isinstance(best, bool) or not isinstance(best, int) or not 0 <= best < len(responses):
         raise DataError(f"{where}: field 'best' must be the index (0..{len(responses) - 1}) of the best response, got {best!r}")
-    prompt = _conversation(rec.get("prompt", ""), where, "prompt", "user") if rec.get("prompt") else []
+    raw_prompt = rec.get("prompt")
+    # Only a missing, null or empty-list prompt means "no prompt"; 0, False or "" are errors named by _conversation.
+    prompt = [] if raw_prompt is None or raw_prompt == [] else _conversation(raw_prompt, where, "prompt", "user")
     resp = [_conversation(r, where, f"responses[{i}]", "assistant") for i, r in enumerate(responses)]
     extra = {k: v for k, v in rec.items() if k not in ("prompt", "responses", "best")}
     return BestOfN(prompt, resp, best, extra, where)
@@ -177,7 +179,7 @@ def load_eval_data(
                 report.rows_read += 1
                 if field_map and isinstance(row.data, dict):
                     row = Row({**{k: v for k, v in row.data.items() if k not in field_map.values()},
-                               **{o: row.data[t] for o, t in field_map.items() if t in row.data}}, row.source, row.index)
+                               **{o: row.data[t] for o, t in field_map.items() if t in row.data}}, row.source, row.index, row.lines)
                 try:
                     ds.items.append(_parse_best_of_n(row))
                 except DataError as e:
