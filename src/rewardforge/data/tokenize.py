@@ -23,6 +23,9 @@ text; tests/test_preprocess_fast.py compares them):
   the text, and a prompt that ends with a space, tab or newline. Byte-level BPE and SentencePiece tokenizers,
   whose tokens can run across that boundary, are tokenized whole. A sample is checked against the whole-text
   tokenization on every call; any difference turns the split off.
+
+Calls with fewer than 256 texts (serving, scoring a few texts) take the reference path: there the sample check
+would cost more than the fast path saves.
 """
 
 from __future__ import annotations
