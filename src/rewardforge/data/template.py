@@ -115,7 +115,7 @@ class TextRenderer:
 
     def _plain_ok(self) -> bool:
         # read on every call, as apply_chat_template reads it: the template may be changed after construction
-        return self.fast and self.tokenizer.chat_template == PLAIN_TEMPLATE
+        return self.fast and getattr(self.tokenizer, "chat_template", None) == PLAIN_TEMPLATE
 
     def _jinja(self, messages: list, generation_prompt: bool) -> str:
         return self._finish(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt))
