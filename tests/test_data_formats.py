@@ -357,6 +357,7 @@ def test_glob_and_missing_paths(tmp_path, tok):
 # ------------------------------------------------------------------ bad rows: errors name file:line and field
 
 GOOD = json.dumps({"prompt": "Hi", "chosen": "A", "rejected": "B"})
+GOOD2 = json.dumps({"prompt": "Hello", "chosen": "A", "rejected": "B"})  # not a duplicate of GOOD
 RATED_GOOD = json.dumps({"prompt": "p", "response": "r", "labels": {"helpfulness": 1}})
 
 
@@ -373,7 +374,7 @@ RATED_GOOD = json.dumps({"prompt": "p", "response": "r", "labels": {"helpfulness
     ],
 )
 def test_bad_pair_rows(tmp_path, tok, bad_line, message):
-    f = write_jsonl(tmp_path / "bad.jsonl", [GOOD, bad_line, GOOD])
+    f = write_jsonl(tmp_path / "bad.jsonl", [GOOD, bad_line, GOOD2])
     with pytest.raises(DataError, match=message):
         pairs_ds([f], tok)
     ds, rep = pairs_ds([f], tok, skip_bad_rows=True)
@@ -407,7 +408,7 @@ def test_invalid_utf8_names_its_line(tmp_path, tok):
     f.write_bytes(
         (GOOD + "\n").encode()
         + b'{"prompt": "caf\xe9", "chosen": "A", "rejected": "B"}\n'  # latin-1 byte, not UTF-8
-        + (GOOD + "\n").encode()
+        + (GOOD2 + "\n").encode()
     )
     with pytest.raises(DataError, match=r"u\.jsonl:2: not valid UTF-8 \(invalid continuation byte at byte 15 of the line\)"):
         pairs_ds([f], tok)
@@ -437,7 +438,7 @@ def test_skip_bad_rows_counts_every_kind(tmp_path, tok):
         "{not json",
         '{"prompt": "Hi", "chosen": "A"}',
         '{"prompt": "Hi", "chosen": "A", "rejected": "B", "margin": NaN}',
-        GOOD,
+        GOOD2,
         '{"prompt": "Same", "chosen": "X", "rejected": "X"}',
     ])
     ds, rep = pairs_ds([f], tok, skip_bad_rows=True)

@@ -902,13 +902,14 @@ def test_identical_pairs_are_counted_in_the_exclusion_report(data, tok):
         assert rep.examples == len(expected) - identical - rep.excluded.get("identical_after_truncation", 0)
 
 
-@pytest.mark.xfail(strict=True, reason="duplicate pairs are neither excluded nor counted by build_dataset (datasets.py)")
 def test_duplicate_pairs_are_counted_in_the_exclusion_report(tmp_path, tok):
     row = {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}
     path, _ = write("jsonl", str(tmp_path), [row, {"prompt": "Yo", "chosen": "A", "rejected": "B"}, dict(row)])
     ds, rep = build_dataset([path], tok, kind="pairs", cache_dir="none")
     assert rep.rows_read == 3
-    assert sum(rep.excluded.values()) == 1 and rep.examples == 2
+    assert rep.excluded == {"duplicate_pairs": 1} and rep.examples == 2
+    kept, rep2 = build_dataset([path], tok, kind="pairs", cache_dir="none", drop_duplicates=False)
+    assert rep2.excluded == {} and rep2.examples == 3  # kept when asked, never silently
 
 
 # ------------------------------------------------------------------ 8. nothing but DataError, whatever the input

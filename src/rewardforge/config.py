@@ -62,6 +62,7 @@ class DataConfig:
     truncation: str = _f("prompt_left", "prompt_left: cut the prompt's oldest tokens first, then the response's end; response_right: only the response's end.")
     template: str = _f("auto", "auto: the tokenizer's chat template if it has one, else 'plain' (Human:/Assistant: turns).")
     skip_bad_rows: bool = _f(False, "Skip and count malformed rows instead of stopping with an error.")
+    drop_duplicates: bool = _f(True, "Exclude (and count as duplicate_pairs) a pair whose rendered chosen and rejected texts repeat an earlier pair's; false keeps them, each weighted again.")
     cache_dir: str = _f("", "Where tokenized data is cached (default: ~/.cache/rewardforge). 'none' disables the cache.")
     group_by_length: bool = _f(True, "Batch sequences of similar length together so padding stays small.")
 

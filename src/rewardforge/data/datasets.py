@@ -217,6 +217,7 @@ def build_dataset(
     field_map: dict[str, str] | None = None,
     split: str = "train",
     cache_dir: str | Path | None = None,
+    drop_duplicates: bool = True,
 ):
     """Read, parse, render and tokenize ``sources`` into a :class:`PairDataset` or :class:`RatedDataset`.
 
@@ -225,6 +226,8 @@ def build_dataset(
         tokenizer: a fast tokenizer with its template installed (see ``setup_template``).
         kind: ``"pairs"`` or ``"rated"``.
         cache_dir: directory of the tokenization cache; ``"none"`` disables it.
+        drop_duplicates: exclude a pair whose rendered texts repeat an earlier pair's (counted as
+            ``duplicate_pairs``).
 
     Returns:
         ``(dataset, DataReport)``.
@@ -243,7 +246,7 @@ def build_dataset(
             {
                 "v": CACHE_VERSION, "data": fingerprint_sources(files), "kind": kind, "fmt": fmt, "max_length": max_length,
                 "truncation": truncation, "attributes": attributes, "skip": skip_bad_rows, "field_map": field_map,
-                "split": split, "tokenizer": tokenizer_fingerprint(tokenizer),
+                "split": split, "tokenizer": tokenizer_fingerprint(tokenizer), "dedup": drop_duplicates,
             },
             sort_keys=True,
         )
@@ -277,11 +280,17 @@ def build_dataset(
 
     if kind == "pairs":
         texts_c, texts_r, starts_c, starts_r, keys, margins, extras = [], [], [], [], [], [], []
+        seen: set[tuple[str, str]] = set()
         for ex in examples:
             tc, sc, tr, sr = renderer.render_pair(ex.prompt, ex.chosen, ex.rejected, ex.where)
             if tc == tr:
                 report.exclude("identical_texts")
                 continue
+            if drop_duplicates:
+                if (tc, tr) in seen:
+                    report.exclude("duplicate_pairs")
+                    continue
+                seen.add((tc, tr))
             texts_c.append(tc), texts_r.append(tr), starts_c.append(sc), starts_r.append(sr)
             keys.append(_prompt_key(tc[:sc])), margins.append(np.nan if ex.margin is None else ex.margin)
             extras.append(_json_safe(ex.extra))
