@@ -189,3 +189,30 @@ def test_extra_eval_datasets_are_scored_at_each_validation(tiny_model, pairs_fil
     rows = [json.loads(l) for l in extra.read_text().splitlines()]
     rc, rr = scorer.score_pairs([r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows])
     assert last["eval/heldout/accuracy"] == pytest.approx(float(np.mean((rc > rr) + 0.5 * (rc == rr))))
+
+
+def test_lora_export_can_also_save_the_adapter_with_its_trained_head(tiny_model, pairs_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    import rewardforge
+    from rewardforge.models import RewardModel
+
+    base_dir = tiny_model("bert")
+    cfg = load_config(None, [f"model.name_or_path={base_dir}", f"data.train=[{pairs_file}]", "train.max_steps=4",
+                             "model.lora_r=4", "model.lora_save_adapter=true", "train.learning_rate=1e-2",
+                             "data.cache_dir=none", f"output_dir={tmp_path}"])
+    run_training(cfg, progress=False)
+    adapter = tmp_path / "model/adapter"
+    assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
+    base = AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=1)
+    peft_model = RewardModel(PeftModel.from_pretrained(base, adapter), "pooled").eval()
+    merged = rewardforge.load(tmp_path / "model", device="cpu")
+    texts = ["Human: hi\n\nAssistant: hello there", "Human: what is 2+2?\n\nAssistant: 4"]
+    enc = merged.tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        via_adapter = peft_model(enc["input_ids"], enc["attention_mask"])[:, 0].numpy()
+    torch.testing.assert_close(torch.tensor(via_adapter), torch.tensor(merged.score_texts(texts)), atol=1e-5, rtol=0)
+    # the adapter carries the trained head: the same weights as the merged export's head
+    exported = load_file(tmp_path / "model/model.safetensors")
+    torch.testing.assert_close(peft_model.head().modules_to_save["default"].weight.detach(), exported["classifier.weight"])

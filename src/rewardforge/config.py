@@ -46,6 +46,7 @@ class ModelConfig:
     lora_alpha: int = _f(16, "LoRA alpha.")
     lora_dropout: float = _f(0.05, "LoRA dropout.")
     lora_target_modules: list[str] = _f([], "Module names LoRA adapts (default: peft's choice for the architecture).")
+    lora_save_adapter: bool = _f(False, "Also save the LoRA adapter (with the trained reward head) in the export's adapter/ folder, loadable with peft on the base model; the export itself always has the adapters merged.")
     dropout: float | None = _f(0.0, "Dropout probability set on the backbone; 0 (as TRL and OpenRLHF do) keeps the chosen/rejected difference free of dropout noise. None keeps the checkpoint's.")
     trust_remote_code: bool = _f(False, "Allow model code shipped with the checkpoint to run.")
 

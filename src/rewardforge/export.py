@@ -62,8 +62,13 @@ def write_model_dir(
     template: str,
     stats: dict[str, Any],
     base_model: str = "",
+    save_adapter: bool = False,
 ) -> Path:
-    """Write the HF directory atomically: a reader never sees a half-written export."""
+    """Write the HF directory atomically: a reader never sees a half-written export.
+
+    LoRA adapters are merged into the weights; ``save_adapter`` also writes the unmerged adapter
+    (and the trained head) to ``adapter/`` for ``peft.PeftModel.from_pretrained(base, dir / "adapter")``.
+    """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -71,6 +76,9 @@ def write_model_dir(
         hf = merged_hf_model(model)
         hf.config.pad_token_id = tokenizer.pad_token_id
         hf.save_pretrained(tmp, safe_serialization=True)
+        if save_adapter and hasattr(model.model, "peft_config"):
+            # peft saves the adapter weights and modules_to_save, i.e. the trained reward head
+            model.model.save_pretrained(tmp / "adapter", safe_serialization=True)
         fault_point("export_write")
         tokenizer.save_pretrained(tmp)
         meta = {

@@ -525,6 +525,7 @@ def export_run(run: Run, out_dir: str | Path | None = None, pred: dict[str, Any]
             model, run.tokenizer, path, reward_model_type=cfg.model.reward_model_type,
             attributes=output_names(cfg), attribute_weights=attribute_weights(cfg), max_length=cfg.data.max_length,
             truncation=cfg.data.truncation, template=run.template, stats=stats, base_model=cfg.model.name_or_path,
+            save_adapter=cfg.model.lora_save_adapter,
         )
     run.accelerator.wait_for_everyone()
     return path, stats
