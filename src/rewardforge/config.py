@@ -102,6 +102,7 @@ class TrainConfig:
     max_skipped_steps: int = _f(10, "With nonfinite=skip, stop once this many steps have been skipped in the run.")
     strategy: str = _f("auto", "Several processes: ddp (replicate; the default, 'auto') or fsdp (shard weights, gradients and optimizer state; the backbone's transformer block is the wrap unit).")
     fsdp_cpu_offload: bool = _f(False, "With strategy=fsdp: keep sharded weights, gradients and optimizer state in CPU memory.")
+    share_prompt: bool = _f(False, "Pairs only, decoders (last_token pooling) with sdpa/eager attention: compute the tokens chosen and rejected share (the prompt) once per pair, in one packed row with a branch attention mask; same rewards and gradients, fewer tokens computed.")
 
 
 @dataclass
@@ -161,6 +162,9 @@ def validate(cfg: Config) -> None:
             f"model.attribute_weights has {len(cfg.model.attribute_weights)} values but model.attributes names "
             f"{len(cfg.model.attributes)}; give one weight per attribute"
         )
+    if cfg.train.share_prompt and cfg.model.pooling == "pooled":
+        raise ConfigError("train.share_prompt=true needs a decoder backbone (last_token pooling), not model.pooling=pooled; "
+                          "set train.share_prompt=false")
     if len(set(cfg.model.attributes)) != len(cfg.model.attributes):
         raise ConfigError(f"model.attributes has duplicate names: {cfg.model.attributes}")
 

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rewardforge.packing import model_kwargs
+
 
 @torch.no_grad()
 def predict(model, loader, progress: bool = False) -> dict[str, np.ndarray]:
@@ -27,7 +29,7 @@ def predict(model, loader, progress: bool = False) -> dict[str, np.ndarray]:
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {}
     for batch in tqdm(loader, desc="validate", disable=not progress, leave=False):
-        out = model(batch["input_ids"], batch["attention_mask"])
+        out = model(batch["input_ids"], batch["attention_mask"], **model_kwargs(batch))
         if "margin" in batch:  # pair batch: chosen rows first, then rejected rows
             b = out.shape[0] // 2
             cols = {"chosen": out[:b], "rejected": out[b:], "index": batch["index"]}

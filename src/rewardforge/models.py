@@ -167,7 +167,21 @@ class RewardModel(nn.Module):
         hf = self.hf
         return hf.score if hasattr(hf, "score") else hf.classifier
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, position_ids: torch.Tensor | None = None,
+                reward_positions: torch.Tensor | None = None, attn_mask_4d: torch.Tensor | None = None) -> torch.Tensor:
+        """Rewards ``[rows, N]``; for a packed pair batch (:mod:`rewardforge.packing`: ``position_ids``,
+        ``attn_mask_4d`` [B, 1, L, L] bool, ``reward_positions`` [B, 2]) ``[2B, N]``, chosen rows first."""
+        if attn_mask_4d is not None:
+            if self.pooling != "last_token":
+                raise ModelError("packed (shared-prompt) batches need a decoder backbone (pooling last_token)")
+            mask = attn_mask_4d
+            if self.config._attn_implementation == "eager":  # eager adds the mask to the scores
+                dtype = self.hf.get_input_embeddings().weight.dtype
+                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+            hidden = self.hf.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids)[0]
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            last = torch.cat([hidden[rows, reward_positions[:, j]] for j in range(reward_positions.shape[1])])
+            return self.head()(last).float()
         if self.pooling == "pooled":
             logits = self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
             return logits.float()

@@ -47,6 +47,7 @@ from rewardforge.evaluate import predict, validation_metrics
 from rewardforge.export import reward_statistics, write_model_dir
 from rewardforge.faults import fault_point
 from rewardforge.models import load_tokenizer
+from rewardforge.packing import PackedPairCollator, check_share_prompt, model_kwargs
 from rewardforge.registry import RewardModelSpec, attribute_weights, get_reward_model_spec, output_names
 
 
@@ -219,11 +220,15 @@ def setup(cfg: Config, *, accelerator=None) -> Run:
 
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     model = spec.build_model(cfg, tokenizer)  # may add a pad token: data is tokenized after this
+    if cfg.train.share_prompt:
+        if spec.data_kind(cfg) != "pairs":
+            raise ConfigError("train.share_prompt=true needs a pair loss (preference pairs); set train.share_prompt=false")
+        check_share_prompt(model)
     template = setup_template(tokenizer, cfg.data.template)
     with accelerator.main_process_first():  # the others then read the tokenization cache it wrote
         train_data, val_data, reports = load_data(cfg, spec, tokenizer)
 
-    collate = spec.collator(cfg, tokenizer.pad_token_id)
+    collate = PackedPairCollator(tokenizer.pad_token_id) if cfg.train.share_prompt else spec.collator(cfg, tokenizer.pad_token_id)
     sampler = BatchSampler(
         train_data.lengths(), cfg.train.batch_size, shuffle=True, group_by_length=cfg.data.group_by_length, seed=cfg.train.seed
     )
@@ -346,7 +351,7 @@ def train(run: Run, *, progress: bool = True) -> dict[str, Any]:
                 ctx = acc.no_sync(model) if i < len(steps) - 1 and run.strategy == "ddp" else _null()
                 with ctx:
                     with acc.autocast():
-                        outputs = model(batch["input_ids"], batch["attention_mask"])
+                        outputs = model(batch["input_ids"], batch["attention_mask"], **model_kwargs(batch))
                         loss, stats = loss_fn(outputs, batch, cfg)
                     if not torch.isfinite(loss) and bad is None:
                         bad = f"loss {loss.item()} on batch {group + i} of epoch {st.epoch} (process {rank}, examples {idx[:8]})"

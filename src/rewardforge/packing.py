@@ -1,0 +1,118 @@
+"""Shared-prompt packing (``train.share_prompt``): both responses of a pair in one row, the prompt once.
+
+The chosen and rejected token sequences of a pair start with the same tokens (the prompt as
+tokenized, possibly a few tokens less where BPE merges across the prompt/response boundary). With
+causal attention the hidden states of that common prefix are the same in both sequences, so it is
+computed once::
+
+    row  = [prefix (P) | chosen suffix (C) | rejected suffix (R) | padding]
+    pos  = [0 .. P-1   | P .. P+C-1        | P .. P+R-1          | 0 ...  ]
+    mask : a token attends causally to the prefix and to earlier tokens of its own branch only
+           (rejected never sees chosen); padding attends only to itself and nothing attends to it.
+
+The reward of each side is read at the last token of its branch (``reward_positions [B, 2]``), and
+:class:`rewardforge.models.RewardModel` returns the usual ``[2B, N]`` outputs, chosen rows first, so
+losses are unchanged. Decoders (``last_token`` pooling) with sdpa or eager attention only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+# Batch keys (besides input_ids / attention_mask) that RewardModel.forward takes as keywords.
+MODEL_KEYS = ("position_ids", "reward_positions", "attn_mask_4d")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
+    """Number of leading tokens ``a`` and ``b`` share.
+
+    Example:
+        >>> common_prefix_length(np.array([1, 2, 3]), np.array([1, 2, 4, 5]))
+        2
+    """
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if len(diff) else n
+
+
+def pack_pair(chosen: np.ndarray, rejected: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """One packed row: (ids, position_ids, segment [0 prefix, 1 chosen, 2 rejected], chosen_pos, rejected_pos).
+
+    The prefix is capped so each branch keeps at least one token of its own (its reward token);
+    pairs need at least one token per side.
+    """
+    if len(chosen) == 0 or len(rejected) == 0:
+        raise ValueError("a pair with an empty side cannot be packed")
+    p = min(common_prefix_length(chosen, rejected), len(chosen) - 1, len(rejected) - 1)
+    c, r = len(chosen) - p, len(rejected) - p
+    ids = np.concatenate([chosen, rejected[p:]]).astype(np.int64)
+    pos = np.concatenate([np.arange(p + c), np.arange(p, p + r)]).astype(np.int64)
+    seg = np.concatenate([np.zeros(p), np.ones(c), np.full(r, 2)]).astype(np.int64)
+    return ids, pos, seg, p + c - 1, p + c + r - 1
+
+
+def packed_mask(segments: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[B, 1, L, L]`` mask (True = may attend) from segment ids ``[B, L]`` (-1 = padding)."""
+    length = segments.shape[-1]
+    q, k = segments[:, :, None], segments[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+    allowed = causal & (q >= 0) & (k >= 0) & ((k == 0) | (k == q))
+    allowed |= torch.eye(length, dtype=torch.bool, device=segments.device)  # padding rows are never empty
+    return allowed[:, None]
+
+
+class PackedPairCollator:
+    """Collate pairs into one packed row each (see the module docstring).
+
+    Keys: ``input_ids [B, L]``, ``attention_mask [B, L]`` (1 on real tokens), ``position_ids``,
+    ``attn_mask_4d [B, 1, L, L]`` (bool), ``reward_positions [B, 2]`` (chosen, rejected),
+    ``margin``, ``index``, and ``tokens_plain`` / ``tokens_packed`` (real tokens without / with sharing).
+    """
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rows = [pack_pair(np.asarray(it["chosen"]), np.asarray(it["rejected"])) for it in items]
+        longest = max(len(r[0]) for r in rows)
+        b = len(rows)
+        ids = np.full((b, longest), self.pad_id, dtype=np.int64)
+        pos = np.zeros((b, longest), dtype=np.int64)
+        seg = np.full((b, longest), -1, dtype=np.int64)
+        for i, (row_ids, row_pos, row_seg, _, _) in enumerate(rows):
+            n = len(row_ids)
+            ids[i, :n], pos[i, :n], seg[i, :n] = row_ids, row_pos, row_seg
+        segments = torch.from_numpy(seg)
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "attention_mask": (segments >= 0).to(torch.int64),
+            "position_ids": torch.from_numpy(pos),
+            "attn_mask_4d": packed_mask(segments),
+            "reward_positions": torch.tensor([[r[3], r[4]] for r in rows], dtype=torch.int64),
+            "margin": torch.tensor([it["margin"] for it in items], dtype=torch.float32),
+            "index": torch.tensor([it["index"] for it in items], dtype=torch.int64),
+            "tokens_plain": torch.tensor(sum(len(it["chosen"]) + len(it["rejected"]) for it in items), dtype=torch.int64),
+            "tokens_packed": torch.tensor(sum(len(r[0]) for r in rows), dtype=torch.int64),
+        }
+
+
+def model_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The packed-batch keys RewardModel.forward takes (empty for a plain batch)."""
+    return {k: batch[k] for k in MODEL_KEYS if k in batch}
+
+
+def check_share_prompt(model) -> None:
+    """Raise ConfigError unless ``model`` (a RewardModel) can run packed pairs."""
+    from rewardforge.config import ConfigError
+
+    if model.pooling != "last_token":
+        raise ConfigError("train.share_prompt=true needs a decoder backbone (pooling last_token); "
+                          f"this model uses pooling {model.pooling!r}: set train.share_prompt=false")
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"train.share_prompt=true needs sdpa or eager attention (a custom 4D mask); this model uses "
+                          f"{impl!r}: set train.share_prompt=false")
