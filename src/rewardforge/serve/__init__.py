@@ -26,7 +26,7 @@ def create_app(scorer, serve_config: ServeConfig | None = None, **kwargs):
 
 
 def make_server(app, config: ServeConfig):
-    """A ``uvicorn.Server`` for ``app`` with the config's host, port, log level and graceful shutdown."""
+    """A ``uvicorn.Server`` for ``app`` with the config's host, port, log level, connection limit and graceful shutdown."""
     import uvicorn
 
     uv = uvicorn.Config(
@@ -37,6 +37,8 @@ def make_server(app, config: ServeConfig):
         access_log=config.log_level in ("debug", "trace"),  # a log line per request costs throughput
         timeout_graceful_shutdown=config.graceful_timeout_s,
         timeout_keep_alive=30,
+        # uvicorn answers 503 once `limit_concurrency` connections are open, so N are served and the N+1-th is refused
+        limit_concurrency=config.max_connections + 1,
     )
     return uvicorn.Server(uv)
 
@@ -50,5 +52,5 @@ def serve(model_dir: str | Path, config: ServeConfig | None = None) -> None:
     config = (config or ServeConfig()).validate()
     if config.threads:
         torch.set_num_threads(config.threads)
-    scorer = rewardforge.load(model_dir, device=config.device)
+    scorer = rewardforge.load(model_dir, device=config.device, dtype=config.torch_dtype())
     make_server(create_app(scorer, config), config).run()

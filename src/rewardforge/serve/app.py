@@ -395,11 +395,16 @@ def create_app(scorer, serve_config: ServeConfig | None = None, *, metrics: Serv
     from rewardforge.serve import triton
 
     cfg = (serve_config or ServeConfig()).validate()
+    dtype = next(scorer.model.parameters()).dtype
+    if dtype != cfg.torch_dtype():
+        raise ValueError(f"the scorer's model is {dtype} but the serve config says dtype={cfg.dtype}; load it with "
+                         f"rewardforge.load(..., dtype={cfg.torch_dtype()}) or set dtype to match")
     metrics = metrics or ServeMetrics()
     batcher = DynamicBatcher(
         scorer.model, scorer.tokenizer.pad_token_id, scorer.model.num_outputs, device=scorer.device,
         max_batch_items=cfg.max_batch_items, max_batch_tokens=cfg.max_batch_tokens, max_wait_ms=cfg.max_wait_ms,
-        max_queue_items=cfg.max_queue_items, max_padding=cfg.resolved_max_padding(str(scorer.device)), threads=cfg.threads, metrics=metrics,
+        max_queue_items=cfg.max_queue_items, max_padding=cfg.resolved_max_padding(str(scorer.device)),
+        threads=cfg.resolved_threads(str(scorer.device)), tokens_per_thread=cfg.tokens_per_thread, metrics=metrics,
     )
     service = ScoringService(scorer, cfg, batcher)
     metrics.bind(lambda: batcher.queue_depth, lambda: batcher.inflight)
@@ -452,7 +457,7 @@ def create_app(scorer, serve_config: ServeConfig | None = None, *, metrics: Serv
     @app.get("/health", tags=["operations"], summary="liveness and readiness")
     async def health():
         ready = batcher.running
-        body = {"status": "ok" if ready else "unavailable", "ready": ready, "model": cfg.model_name,
+        body = {"status": "ok" if ready else "unavailable", "ready": ready, "model": cfg.model_name, "dtype": cfg.dtype,
                 "queue_depth": batcher.queue_depth, "inflight_requests": batcher.inflight}
         return JSONResponse(body, status_code=200 if ready else 503)
 

@@ -19,6 +19,10 @@ How a batch is formed:
   tokens. On a CPU a padded token costs as much as a real one, so a sequence that does not fit
   waits for the next batch of its own length rather than inflating this one.
 
+On CPU the worker gives each forward pass one torch intra-op thread per ``tokens_per_thread`` padded
+tokens, up to ``threads``: a single short sequence gains little from more cores and would take the
+one the event loop needs, while a large batch runs on all of them.
+
 Each request's outputs are written at the index of its sequence, so results always come back in
 input order, whatever batches its sequences went into. A batch whose forward pass fails is re-run
 one request at a time, so one bad input fails only its own request.
@@ -89,6 +93,16 @@ class _Item:
         self.length, self.ids, self.req, self.index, self.t = len(ids), ids, req, index, t
 
 
+def _name_os_thread(name: bytes) -> None:
+    """Give the calling thread an OS-level name (first 15 bytes), seen by top -H, py-spy and /proc (Linux only)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):  # not Linux: cosmetic only
+        pass
+
+
 def _resolve(done: list[_Request]) -> None:
     for r in done:
         if not r.future.done():
@@ -125,6 +139,7 @@ class DynamicBatcher:
         max_queue_items: int = 4096,
         max_padding: float = 0.15,
         threads: int | None = None,
+        tokens_per_thread: int = 0,
         metrics: Any = None,
     ):
         self.model, self.pad_id, self.num_outputs = model, int(pad_id), int(num_outputs)
@@ -134,6 +149,8 @@ class DynamicBatcher:
         self.max_queue_items = max_queue_items
         self.max_padding = max_padding
         self.threads = threads
+        self.tokens_per_thread = tokens_per_thread
+        self._threads_now: int | None = None  # the worker thread's current torch intra-op thread count
         self.metrics = metrics
         self.window = max(4 * max_batch_items, 256)
         self._cond = threading.Condition()
@@ -248,8 +265,7 @@ class DynamicBatcher:
         return len(self._pending) >= self.max_batch_items or self._pending_tokens >= self.max_batch_tokens
 
     def _worker(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        _name_os_thread(b"rewardforge-batcher")
         while True:
             with self._cond:
                 while not self._pending:
@@ -276,6 +292,13 @@ class DynamicBatcher:
     def _take(self) -> list[_Item]:
         """Remove and return the next batch (called with the lock held)."""
         pending = self._pending
+        if self.max_batch_items == 1:  # one at a time: the oldest live sequence
+            while pending:
+                it = pending.popleft()
+                self._pending_tokens -= it.length
+                if not it.req.dead:
+                    return [it]
+            return []
         window: list[_Item] = []
         while pending and len(window) < self.window:
             it = pending.popleft()
@@ -329,7 +352,23 @@ class DynamicBatcher:
         out = self.model(input_ids.to(self.device), mask.to(self.device))
         return out.float().cpu().numpy()
 
+    def _set_threads(self, batch: list[_Item]) -> None:
+        """On the worker thread: one intra-op thread per ``tokens_per_thread`` padded tokens, at most ``threads``.
+
+        Splitting a single short sequence's matrix products across cores gains less than it costs the
+        event loop (HTTP, tokenization), which then has no core of its own; a large batch gains."""
+        if not self.threads:
+            return
+        n = self.threads
+        if self.tokens_per_thread > 0:
+            padded = len(batch) * max(it.length for it in batch)
+            n = max(1, min(n, padded // self.tokens_per_thread))
+        if n != self._threads_now:
+            torch.set_num_threads(n)  # per OS thread (OpenMP): the worker's setting, not the event loop's
+            self._threads_now = n
+
     def _run(self, batch: list[_Item]) -> None:
+        self._set_threads(batch)
         t0 = time.monotonic()
         try:
             out = self._forward([it.ids for it in batch])
