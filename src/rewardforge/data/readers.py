@@ -276,16 +276,21 @@ def _looks_like_record(obj: dict) -> bool:
     return {"chosen", "rejected"} <= keys or {"response", "labels"} <= keys or "text" in keys
 
 
-def _read_json(path: str) -> Iterator[Row]:
+def _read_all_bytes(path: str) -> bytes:
+    """The whole (decompressed) file; a damaged or truncated gzip is a DataError saying so."""
     fh = _open_binary(path)
     try:
         with fh:
-            raw = fh.read()
+            return fh.read()
     except EOFError as e:
         raise DataError(f"{path}: the gzip file is damaged or truncated: it ends early ({e}); re-download or re-compress it") from None
     except (gzip.BadGzipFile, zlib.error, OSError) as e:
         problem = _gzip_problem(path) if _is_gz(path) else None
         raise DataError(f"{path}: {problem or f'cannot be read ({e})'}") from None
+
+
+def _read_json(path: str) -> Iterator[Row]:
+    raw = _read_all_bytes(path)
     if raw.startswith(codecs.BOM_UTF8):
         raw = raw[len(codecs.BOM_UTF8):]
     if _looks_like_jsonl(raw):
@@ -330,15 +335,7 @@ def _read_parquet(path: str) -> Iterator[Row]:
         if _is_gz(path):
             import pyarrow as pa
 
-            fh = _open_binary(path)
-            try:
-                with fh:
-                    data = fh.read()
-            except EOFError as e:
-                raise DataError(f"{path}: the gzip file is damaged or truncated: it ends early ({e}); re-download or re-compress it") from None
-            except (gzip.BadGzipFile, zlib.error, OSError) as e:
-                raise DataError(f"{path}: {_gzip_problem(path) or f'cannot be read ({e})'}") from None
-            table = pq.read_table(pa.BufferReader(data))
+            table = pq.read_table(pa.BufferReader(_read_all_bytes(path)))
         else:
             table = pq.read_table(path)
     except DataError:

@@ -80,12 +80,7 @@ def _cut(ids: list[int], special: list[int], max_length: int, mode: str, split_a
         return ids, False, False
     if not isinstance(ids, list):
         ids = list(ids)
-    lead = 0
-    while lead < n and special[lead]:
-        lead += 1
-    trail = n
-    while trail > lead and special[trail - 1]:
-        trail -= 1
+    lead, trail = _special_ends(special)
     if (lead + n - trail) >= max_length:
         raise DataError(
             f"data.max_length={max_length} leaves no room for content after the {lead + n - trail} special tokens"
@@ -373,14 +368,20 @@ class _Backend:
         return arrays, lengths
 
 
-def _first_response_token(offsets, special, start: int) -> int:
-    n = len(offsets)
+def _special_ends(special) -> tuple[int, int]:
+    """(first non-special position, one past the last non-special position) of a sequence."""
+    n = len(special)
     lead = 0
     while lead < n and special[lead]:
         lead += 1
     trail = n
     while trail > lead and special[trail - 1]:
         trail -= 1
+    return lead, trail
+
+
+def _first_response_token(offsets, special, start: int) -> int:
+    lead, trail = _special_ends(special)
     split = lead
     while split < trail and offsets[split][1] <= start:
         split += 1
