@@ -170,6 +170,19 @@ def post_in_thread(url: str, payload: dict, results: list, headers: dict | None 
     return t
 
 
+def wait_healthy(client, proc: subprocess.Popen, timeout: float, log=lambda: "") -> None:
+    """Poll ``GET /health`` on a server subprocess until it answers 200; fail with its log if it dies."""
+    deadline = time.time() + timeout
+    while True:
+        assert proc.poll() is None, log()
+        assert time.time() < deadline, "server did not come up"
+        try:
+            if client.get("/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
 def wait_for(cond, timeout: float = 10.0) -> None:
     deadline = time.time() + timeout
     while not cond():
@@ -790,16 +803,8 @@ def test_cli_serve_subprocess_binds_loopback_and_stops_on_sigterm(binary_dir, bi
                              "--compat-reward", "normalized", "--log-level", "warning"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.time() + 60
         with httpx.Client(base_url=f"http://{HOST}:{port}", timeout=10) as c:
-            while True:
-                assert proc.poll() is None, proc.stdout.read().decode()
-                assert time.time() < deadline, "server did not come up"
-                try:
-                    if c.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.2)
+            wait_healthy(c, proc, 60, lambda: proc.stdout.read().decode())
             text = binary_scorer.render(PROMPTS[0], RESPONSES[0])[0]
             r = c.post("/get_reward", json={"query": [text]})
             assert r.json()["rewards"] == pytest.approx([float(binary_scorer.score_rendered([text]).normalized[0])], abs=1e-4)

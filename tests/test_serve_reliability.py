@@ -45,6 +45,7 @@ from test_serve import (  # noqa: E402,F401 - binary_dir and binary_scorer are f
     offline,
     post_in_thread,
     wait_for,
+    wait_healthy,
 )
 
 from rewardforge.serve import ServeConfig  # noqa: E402
@@ -260,16 +261,8 @@ def test_soak_thousands_of_mixed_requests_at_concurrency_64(binary_dir, binary_s
                                 stdout=log_fh, stderr=subprocess.STDOUT, env=env)
     url = f"http://{HOST}:{port}"
     try:
-        deadline = time.time() + 90
         with httpx.Client(base_url=url, timeout=10) as c:
-            while True:
-                assert proc.poll() is None, log_path.read_text()
-                assert time.time() < deadline, "server did not come up"
-                try:
-                    if c.get("/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.2)
+            wait_healthy(c, proc, 90, log_path.read_text)
         assert _listening_addresses(proc.pid, port) == {HOST}
 
         results: list = [None] * len(plan)
