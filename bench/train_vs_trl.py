@@ -328,7 +328,8 @@ def worker_trl(spec: dict) -> dict:
     set_seed(spec["seed"])
     with suppress_seqcls_warning():  # exactly how RewardTrainer loads a model given by path
         model = create_model_from_path(spec["model_path"], AutoModelForSequenceClassification, num_labels=1,
-                                       dtype="float32", trust_remote_code=False)
+                                       dtype="float32", trust_remote_code=False,
+                                       **({"attn_implementation": spec["trl_attn"]} if spec.get("trl_attn") else {}))
     tok = AutoTokenizer.from_pretrained(spec["model_path"])
     # TRL appends the EOS token to standard-text examples; encoders (MiniLM) have none, and TRL then
     # fails (str.endswith(None)), so such tokenizers get their end-of-sequence marker [SEP] as EOS.
@@ -352,7 +353,8 @@ def worker_trl(spec: dict) -> dict:
         adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
         # optim: TRL's default (adamw_torch_fused, the same AdamW math in one fused kernel)
         # TRL's defaults are gradient_checkpointing=True and bf16=True; matched to rewardforge unless --trl-defaults
-        **({} if spec.get("trl_defaults") else {"gradient_checkpointing": False, "bf16": precision == "bf16", "fp16": False}),
+        # TRL has no bf16-master mode: for --precision bf16_master it runs its bf16 (autocast).
+        **({} if spec.get("trl_defaults") else {"gradient_checkpointing": False, "bf16": precision != "fp32", "fp16": False}),
         disable_dropout=spec["dropout_off"],
         eval_strategy="no",
         save_strategy="no",
@@ -797,7 +799,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="pairs per batch (both trainers)")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="both trainers (TRL: bf16 autocast; rewardforge: train.precision)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "bf16_master"), default="fp32",
+                   help="rewardforge's train.precision; TRL runs fp32 for fp32 and its bf16 (autocast, it has no other) for both bf16 modes")
+    p.add_argument("--trl-attn", default=None,
+                   help="attn_implementation for TRL's model (default: transformers' default, sdpa, as TRL users get); "
+                        "e.g. eager, to see how much of the gap is rewardforge's kernel choice")
     p.add_argument("--keep-dropout", action="store_true", help="keep the checkpoint's dropout (default: off in both, TRL's default)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in every process (default: all cores)")
     p.add_argument("--seed", type=int, default=42)
@@ -868,7 +874,8 @@ def main(argv=None) -> int:
         print(f"rewardforge vs TRL: {args.pairs} train / {args.val_pairs} validation pairs from {', '.join(f.name for f in files)}; "
               f"backbone {backbone_desc}; max_length {args.max_length}, batch {args.batch_size} pairs, lr {args.lr}, "
               f"{args.epochs:g} epoch(s), {args.precision}, {args.threads} threads; workdir {workdir}", flush=True)
-        gemm = [measure_gemm_peak(args.threads, args.gemm_size, dtype=args.precision)]
+        gemm_dtype = "fp32" if args.precision == "fp32" else "bf16"
+        gemm = [measure_gemm_peak(args.threads, args.gemm_size, dtype=gemm_dtype)]
         print(f"  GEMM peak ({args.gemm_size}^3 {args.precision}, {args.threads} threads): {gemm[0]['best_flops'] / 1e9:.1f} GFLOP/s", flush=True)
 
         base = {"threads": args.threads, "seed": args.seed, "max_length": args.max_length, "batch_size": args.batch_size,
@@ -879,7 +886,7 @@ def main(argv=None) -> int:
         for rnd in range(args.repeat):
             sfx = f"_{rnd + 1}" if args.repeat > 1 else ""
             if not args.skip_trl:
-                trl_runs.append(run_worker("trl", dict(base, trl_defaults=args.trl_defaults, trl_output_dir=str(workdir / "trl_out"),
+                trl_runs.append(run_worker("trl", dict(base, trl_defaults=args.trl_defaults, trl_attn=args.trl_attn, trl_output_dir=str(workdir / "trl_out"),
                                                        save_dir=str(workdir / f"trl_model{sfx}")), workdir, tag=f"trl{sfx}"))
             rf_runs.append(run_worker("rewardforge", dict(base, cache_dir=str(workdir / f"rf_cache{sfx}"), output_dir=str(workdir / f"rf_out{sfx}"),
                                                           save_dir=str(workdir / f"rf_model{sfx}"), extra_overrides=args.rf_override),
@@ -895,7 +902,7 @@ def main(argv=None) -> int:
                        "rewardforge_trl_kept": [r["train_s"] for r in kept_runs]}
         ev = run_worker("eval", dict(base, timing_pairs=args.timing_pairs, timing_rounds=args.timing_rounds, trl_dir=trl_runs[0]["save_dir"] if trl_runs else None,
                                          rf_dir=rf_runs[0]["export_dir"]), workdir)
-        gemm.append(measure_gemm_peak(args.threads, args.gemm_size, dtype=args.precision))
+        gemm.append(measure_gemm_peak(args.threads, args.gemm_size, dtype=gemm_dtype))
         peak = max(g["best_flops"] for g in gemm)
 
         table, extra = build_report(args, sel, trl_res, rf_res, rf_kept, ev, peak)
@@ -913,14 +920,15 @@ def main(argv=None) -> int:
             f"{args.threads} torch threads, no eval and no checkpoints during training, each in a cold process",
             "TRL: RewardTrainer(model=AutoModelForSequenceClassification(num_labels=1)), RewardConfig with "
             + ("TRL's own defaults gradient_checkpointing=True, bf16=True (--trl-defaults), " if args.trl_defaults else
-               f"gradient_checkpointing=False, bf16={args.precision == 'bf16'} (TRL defaults: True, True), ")
+               f"gradient_checkpointing=False, bf16={args.precision != 'fp32'} (TRL defaults: True, True), ")
+            + f"attention {args.trl_attn or 'transformers default (sdpa)'}, "
             + "optim adamw_torch_fused (TRL default), no group_by_length (TRL default), "
             "EOS appended to each text (MiniLM: [SEP]), pairs over max_length dropped by TRL's filter",
             "rewardforge: setup()+train() with its defaults otherwise (length-grouped batches, prompt_left truncation, "
             "reward from the pooled output / last real token)",
             f"validation: both models scored on the same {args.val_pairs} pairs by RewardScorer.score_rendered "
             f"(prompt_left truncation to {args.max_length}, batches of 16), each on its own training text format",
-            f"GEMM peak: {peak / 1e9:.1f} GFLOP/s ({args.gemm_size}^3 {args.precision} torch.matmul, best of 5x8, measured "
+            f"GEMM peak: {peak / 1e9:.1f} GFLOP/s ({args.gemm_size}^3 {gemm_dtype} torch.matmul, best of 5x8, measured "
             f"before and after: {gemm_list})",
             f"runs: each trainer trained {args.repeat}x, alternating, fastest run shown; train times (s): "
             + "; ".join(f"{k} {', '.join(f'{x:.1f}' for x in v)}" for k, v in all_train_s.items() if v),

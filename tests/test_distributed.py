@@ -225,3 +225,26 @@ def test_strategy_resolution_and_deepspeed_refused():
         resolve_strategy(auto, acc(DistributedType.DEEPSPEED, 2))
     with pytest.raises(ConfigError, match="train.strategy='zero3' is not valid"):
         load_config(None, ["train.strategy=zero3"])
+
+
+def test_fsdp_bf16_master_trains_like_one_process_bf16_master(runs):
+    """FSDP's mixed-precision policy is the sharded form of the one-process bf16_master scheme."""
+    root, common, _ = runs
+    bf16 = common + ["train.precision=bf16_master", "train.save_steps=0"]
+    _train(1, bf16 + ["train.batch_size=8", f"output_dir={root / 'o2_one'}"], root)
+    _train(2, bf16 + ["train.batch_size=4", "train.strategy=fsdp", f"output_dir={root / 'o2_fsdp'}"], root)
+    src = common[0].split("=", 1)[1]
+    init = {"model." + k: v for k, v in load_file(Path(src) / "model.safetensors").items()}  # the backbone before training
+    fp32, one, fsdp = (load_file(root / d / "model/model.safetensors") for d in ("one", "o2_one", "o2_fsdp"))
+    assert one.keys() == fsdp.keys()
+    assert {v.dtype for v in fsdp.values()} == {torch.float32}  # the masters, not the bf16 copies
+    keys = sorted(k for k in init if init[k].shape == one[k].shape)  # (the embedding grew a pad row)
+    moved = torch.cat([(one[k] - init[k]).flatten() for k in keys]).norm()
+    apart = torch.cat([(fsdp[k] - one[k]).flatten() for k in keys]).norm()
+    bf16_vs_fp32 = torch.cat([(one[k] - fp32[k]).flatten() for k in keys]).norm()
+    # One batch of 8 and two of 4 round differently in bf16: the two runs are as far apart as
+    # bf16 is from fp32, a small part of what training moved.
+    assert apart < 0.2 * moved and apart < 1.5 * bf16_vs_fp32, (apart.item(), moved.item(), bf16_vs_fp32.item())
+    sa, sf = (json.loads((root / d / "summary.json").read_text()) for d in ("o2_one", "o2_fsdp"))
+    assert sf["steps"] == sa["steps"]
+    assert abs(sf["final_validation"]["accuracy"] - sa["final_validation"]["accuracy"]) <= 2 / 21

@@ -48,6 +48,7 @@ class ModelConfig:
     lora_target_modules: list[str] = _f([], "Module names LoRA adapts (default: peft's choice for the architecture).")
     lora_save_adapter: bool = _f(False, "Also save the LoRA adapter (with the trained reward head) in the export's adapter/ folder, loadable with peft on the base model; the export itself always has the adapters merged.")
     dropout: float | None = _f(0.0, "Dropout probability set on the backbone; 0 (as TRL and OpenRLHF do) keeps the chosen/rejected difference free of dropout noise. None keeps the checkpoint's.")
+    attn_implementation: str = _f("auto", "Attention kernel for training: auto (eager when computing in bf16 on CPU, where PyTorch's flash-attention backward is slower than eager at these lengths; otherwise transformers' default, sdpa), eager, sdpa, flash_attention_2, ... The export does not keep it.")
     trust_remote_code: bool = _f(False, "Allow model code shipped with the checkpoint to run.")
 
 
@@ -89,7 +90,7 @@ class TrainConfig:
     warmup_ratio: float = _f(0.03, "Fraction of steps spent warming up linearly.")
     lr_scheduler: str = _f("cosine", "Decay after warmup: cosine, linear or constant.")
     max_grad_norm: float = _f(1.0, "Clip gradients to this norm (0 disables clipping).")
-    precision: str = _f("fp32", "fp32 or bf16 (mixed precision autocast).")
+    precision: str = _f("fp32", "fp32; bf16 (autocast: fp32 weights, matmuls in bf16, as TRL and the HF Trainer); or bf16_master (forward and backward entirely in bf16 over fp32 master weights, accumulation and AdamW state: NeMo/Megatron's O2; fastest on CPUs with avx512_bf16/AMX and on GPUs). Not with train.strategy=ddp.")
     seed: int = _f(42, "Seed for weights of the head, data order and dropout.")
     eval_steps: int = _f(0, "Validate every N optimizer steps (0: only at the end).")
     save_steps: int = _f(0, "Checkpoint every N optimizer steps (0: only at the end).")
@@ -131,7 +132,7 @@ _CHOICES = {
     ("model", "pooling"): ("auto", "last_token", "pooled"),
     ("data", "truncation"): ("prompt_left", "response_right"),
     ("train", "lr_scheduler"): ("cosine", "linear", "constant"),
-    ("train", "precision"): ("fp32", "bf16"),
+    ("train", "precision"): ("fp32", "bf16", "bf16_master"),
     ("train", "nonfinite"): ("stop", "skip"),
     ("train", "strategy"): ("auto", "ddp", "fsdp"),
 }

@@ -60,12 +60,21 @@ def shard_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Modul
     """Apply FSDP2: every transformer block is a unit, the rest (embeddings, head) goes in the root.
 
     Weights are kept in fp32 (the master copy); ``train.precision=bf16`` computes in bf16 through
-    autocast, as on the other strategies. ``train.fsdp_cpu_offload`` keeps the shards in CPU memory.
+    autocast, as on the other strategies, and ``bf16_master`` through FSDP's mixed-precision policy
+    (bf16 gathered weights and compute, fp32 gradient reduction and shards).
+    ``train.fsdp_cpu_offload`` keeps the shards in CPU memory.
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
+    from rewardforge.precision import fsdp_mixed_precision
+
     model.to(device)
     kw = {"offload_policy": CPUOffloadPolicy()} if cfg.train.fsdp_cpu_offload and device.type != "cpu" else {}
+    mp = fsdp_mixed_precision(cfg.train.precision)
+    if mp is not None:
+        kw["mp_policy"] = mp
+        # the reward head stays fp32 (its own unit, input cast up), as on one process
+        fully_shard(model.head(), **{**kw, "mp_policy": fsdp_mixed_precision(cfg.train.precision, torch.float32)})
     classes = tuple(block_classes(model))
     for module in list(model.modules()):
         if isinstance(module, classes):

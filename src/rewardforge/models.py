@@ -81,6 +81,27 @@ def detect_pooling(config) -> str:
     raise ModelError(f"cannot tell whether model type {mt!r} is a decoder or an encoder; set model.pooling")
 
 
+def set_attention(model: "RewardModel", choice: str, precision: str, device: torch.device) -> str:
+    """Pick the attention kernel for training (``model.attn_implementation``); returns the one in use.
+
+    ``auto`` picks eager attention when computing in bf16 on CPU: there PyTorch's flash-attention
+    kernel (sdpa) takes 4x longer than eager for the backward pass at a few hundred tokens
+    (measured on the MiniLM benchmark: a bf16 training step 501 -> 366 ms), while in fp32 sdpa
+    is as fast. Elsewhere ``auto`` keeps transformers' default.
+    """
+    current = model.config._attn_implementation
+    if choice == "auto":
+        if not (precision in ("bf16", "bf16_master") and device.type == "cpu"):
+            return current
+        choice = "eager"
+    if choice != current:
+        try:
+            model.hf.set_attn_implementation(choice)
+        except (ValueError, ImportError) as e:
+            raise ModelError(f"model.attn_implementation={choice!r} cannot be used with this model: {e}") from None
+    return choice
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 

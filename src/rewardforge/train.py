@@ -46,8 +46,9 @@ from rewardforge.distributed import (
 from rewardforge.evaluate import predict, validation_metrics
 from rewardforge.export import reward_statistics, write_model_dir
 from rewardforge.faults import fault_point
-from rewardforge.models import load_tokenizer
+from rewardforge.models import load_tokenizer, set_attention
 from rewardforge.packing import PackedPairCollator, check_share_prompt, model_kwargs
+from rewardforge.precision import MasterWeights
 from rewardforge.registry import RewardModelSpec, attribute_weights, get_reward_model_spec, output_names
 
 
@@ -75,6 +76,12 @@ class Run:
     stop_signal: str | None = None
     extra_eval: list = field(default_factory=list)  # eval.datasets, loaded once (main process)
     strategy: str = "single"  # single, ddp or fsdp (rewardforge.distributed)
+    master: MasterWeights | None = None  # train.precision=bf16_master on one process
+
+    def compute(self):
+        """The context forward and backward passes run in: bf16 copies of the weights under
+        ``train.precision=bf16_master`` on one process (FSDP casts by itself), else nothing."""
+        return self.master.compute() if self.master is not None else _null()
 
     def bare_model(self):
         """The model without accelerate's DDP wrapper (an FSDP model is itself)."""
@@ -103,7 +110,7 @@ def predict_sharded(run: "Run", data) -> dict[str, Any]:
         longest = math.ceil(len(batches) / acc.num_processes)
         mine = mine + [batches[0]] * (longest - len(mine))
     loader = torch.utils.data.DataLoader(data, batch_sampler=mine, collate_fn=run.collate)
-    with acc.autocast():
+    with acc.autocast(), run.compute():
         # The unwrapped module: DDP's forward broadcasts buffers, a collective that processes
         # with fewer validation batches would never join.
         pred = predict(run.bare_model(), loader)
@@ -156,12 +163,14 @@ def estimate_memory(model, cfg: Config, max_tokens: int, shards: int = 1) -> dic
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     h, layers, heads = c.hidden_size, c.num_hidden_layers, c.num_attention_heads
     b, s_len = 2 * cfg.train.batch_size, max_tokens
-    per_layer = s_len * b * h * (34 + 5 * heads * s_len / h) * (1 if cfg.train.precision == "bf16" else 2)
+    half = cfg.train.precision in ("bf16", "bf16_master")
+    per_layer = s_len * b * h * (34 + 5 * heads * s_len / h) * (1 if half else 2)
     act = per_layer * (2 if cfg.model.gradient_checkpointing else layers)
     gib = 1024**3
     gathered = 2 * 4 * total / max(layers, 1) if shards > 1 else 0.0  # a block's full weights and grads
     out = {"parameters": total, "trainable_parameters": trainable, "shards": shards,
-           "weights_gib": (4 * total / shards + gathered) / gib,
+           # bf16_master adds a bf16 copy of the weights (gathered per block under FSDP)
+           "weights_gib": ((4 + 2 * (cfg.train.precision == "bf16_master" and shards == 1)) * total / shards + gathered) / gib,
            "grads_and_optimizer_gib": 12 * trainable / shards / gib, "activations_gib": act / gib}
     out["total_gib"] = out["weights_gib"] + out["grads_and_optimizer_gib"] + out["activations_gib"]
     return out
@@ -212,6 +221,9 @@ def setup(cfg: Config, *, accelerator=None) -> Run:
     out = Path(cfg.output_dir)
     accelerator = accelerator or _make_accelerator(cfg)
     strategy = resolve_strategy(cfg, accelerator)
+    if strategy == "ddp" and cfg.train.precision == "bf16_master":
+        raise ConfigError("train.precision=bf16_master runs on one process or with train.strategy=fsdp (FSDP's "
+                          "mixed-precision policy); with DDP use train.precision=bf16 or set train.strategy=fsdp")
     if strategy == "fsdp" and cfg.eval.datasets:
         raise ConfigError("eval.datasets is not supported with train.strategy=fsdp; evaluate the export with `rewardforge eval`")
     if accelerator.is_main_process:
@@ -220,6 +232,7 @@ def setup(cfg: Config, *, accelerator=None) -> Run:
 
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     model = spec.build_model(cfg, tokenizer)  # may add a pad token: data is tokenized after this
+    set_attention(model, cfg.model.attn_implementation, cfg.train.precision, accelerator.device)
     if cfg.train.share_prompt:
         if spec.data_kind(cfg) != "pairs":
             raise ConfigError("train.share_prompt=true needs a pair loss (preference pairs); set train.share_prompt=false")
@@ -262,6 +275,8 @@ def setup(cfg: Config, *, accelerator=None) -> Run:
 
     run = Run(cfg, spec, accelerator, tokenizer, template, model, optimizer, scheduler, train_data, val_data, sampler,
               collate, total, steps_per_epoch, reports, strategy=strategy)
+    if cfg.train.precision == "bf16_master" and strategy == "single":
+        run.master = MasterWeights(run.bare_model(), keep_fp32=(run.bare_model().head(),))
     if cfg.eval.datasets and accelerator.is_main_process:
         from rewardforge.eval.runner import load_eval_data
 
@@ -349,7 +364,7 @@ def train(run: Run, *, progress: bool = True) -> dict[str, Any]:
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
                 # FSDP reduce-scatters every micro-batch (its gradients are sharded, not accumulated whole).
                 ctx = acc.no_sync(model) if i < len(steps) - 1 and run.strategy == "ddp" else _null()
-                with ctx:
+                with ctx, run.compute():
                     with acc.autocast():
                         outputs = model(batch["input_ids"], batch["attention_mask"], **model_kwargs(batch))
                         loss, stats = loss_fn(outputs, batch, cfg)
@@ -489,7 +504,7 @@ def evaluate_extra(run: Run) -> dict[str, float]:
         attributes=output_names(cfg) if len(output_names(cfg)) > 1 else None, attribute_weights=attribute_weights(cfg),
         batch_size=cfg.train.eval_batch_size or 2 * cfg.train.batch_size,
     )
-    with run.accelerator.autocast():
+    with run.accelerator.autocast(), run.compute():
         metrics = evaluate_pairs_during_training(scorer, run.extra_eval, subset_field=cfg.eval.subset_field or None)
     _log(run, {"step": run.state.step, "epoch": run.state.epoch, "split": "eval", **metrics})
     return metrics

@@ -1,0 +1,98 @@
+"""How a training step computes: fp32, bf16 autocast, or bf16 over fp32 master weights.
+
+``train.precision``:
+
+* ``fp32``: everything in fp32.
+* ``bf16``: ``torch.autocast`` (what TRL and the HF Trainer do): fp32 weights; matmuls in bf16,
+  softmax, layer norms and the residual stream in fp32, so activations are cast back and forth.
+* ``bf16_master``: NeMo/Megatron's "O2": forward and backward run entirely in bf16 (weights,
+  activations, attention scores, gradients), while the model's parameters between steps, the
+  gradient accumulation, clipping, the AdamW state, checkpoints and the export stay fp32.
+  One process: :class:`MasterWeights` below. FSDP: ``MixedPrecisionPolicy(param_dtype=bf16,
+  reduce_dtype=fp32)``, which is the same scheme with sharded masters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+PRECISIONS = ("fp32", "bf16", "bf16_master")
+
+
+class MasterWeights:
+    """bf16 compute over the model's fp32 parameters (the master copy), for one process.
+
+    Inside ``with master.compute():`` each parameter holds a bf16 copy of its fp32 value, so the
+    forward and backward passes and their activations are bf16. On exit every parameter gets its
+    fp32 value back and the bf16 gradient of the pass is added, in fp32, to the parameter's fp32
+    ``.grad`` (so micro-batches accumulate in fp32). Outside the context nothing differs from
+    fp32 training: the optimizer, gradient clipping, checkpoints and export see fp32 tensors only.
+
+    Frozen parameters (LoRA's base weights, ``model.freeze_layers_fraction``) never change, so
+    their bf16 copies are made once and reused. The modules in ``keep_fp32`` (the reward head: one
+    dot product per sequence) stay fp32 and get their input cast to fp32, so rewards carry fp32
+    resolution instead of bf16's 3 significant digits, which would tie close pairs.
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, keep_fp32: tuple[nn.Module, ...] = ()):
+        self.dtype = dtype
+        kept = {id(p) for m in keep_fp32 for p in m.parameters()}
+        self.params = [p for p in model.parameters() if p.is_floating_point() and id(p) not in kept]
+        self._frozen: dict[int, torch.Tensor] = {}
+        self._active = False
+        for m in keep_fp32:
+            m.register_forward_pre_hook(self._cast_input)
+
+    def _cast_input(self, module: nn.Module, args: tuple) -> tuple | None:
+        if not self._active:
+            return None
+        return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+    @contextlib.contextmanager
+    def compute(self) -> Iterator[None]:
+        if self._active:  # nested (validation inside a step's context): already bf16
+            yield
+            return
+        masters, grads = [], []
+        for i, p in enumerate(self.params):
+            masters.append(p.data)
+            grads.append(p.grad)
+            p.grad = None
+            if p.requires_grad:
+                p.data = p.data.to(self.dtype)
+            else:
+                if i not in self._frozen:
+                    self._frozen[i] = p.data.to(self.dtype)
+                p.data = self._frozen[i]
+        self._active = True
+        try:
+            yield
+        finally:
+            self._active = False
+            for p, master, acc in zip(self.params, masters, grads):
+                g = p.grad
+                p.grad = None
+                p.data = master
+                if g is not None:
+                    g = g.to(master.dtype)
+                    p.grad = g if acc is None else acc.add_(g)
+                else:
+                    p.grad = acc
+
+    def forget_frozen(self) -> None:
+        """Drop the cached bf16 copies of frozen weights (after loading new weights into them)."""
+        self._frozen.clear()
+
+
+def fsdp_mixed_precision(precision: str, dtype: torch.dtype = torch.bfloat16):
+    """FSDP2's policy for ``precision`` (None: the parameters' own dtype, fp32); ``dtype=float32``
+    gives the policy of the modules kept in fp32 (the reward head), which casts their input up."""
+    if precision != "bf16_master":
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
