@@ -84,14 +84,15 @@ def detect_pooling(config) -> str:
 def set_attention(model: "RewardModel", choice: str, precision: str, device: torch.device) -> str:
     """Pick the attention kernel for training (``model.attn_implementation``); returns the one in use.
 
-    ``auto`` picks eager attention when computing in bf16 on CPU: there PyTorch's flash-attention
-    kernel (sdpa) takes 4x longer than eager for the backward pass at a few hundred tokens
-    (measured on the MiniLM benchmark: a bf16 training step 501 -> 366 ms), while in fp32 sdpa
-    is as fast. Elsewhere ``auto`` keeps transformers' default.
+    ``auto`` picks eager attention for ``train.precision=bf16_master`` on CPU: there PyTorch's
+    flash-attention kernel (sdpa) is slow in the backward pass (MiniLM benchmark steps: 501 -> 366 ms
+    at average lengths, 797 -> 620 ms at 256 tokens). Under autocast (``bf16``) the attention
+    scores are fp32 and eager is no faster over a run, and in fp32 sdpa is as fast: ``auto`` keeps
+    transformers' default (sdpa) there and on GPUs.
     """
     current = model.config._attn_implementation
     if choice == "auto":
-        if not (precision in ("bf16", "bf16_master") and device.type == "cpu"):
+        if not (precision == "bf16_master" and device.type == "cpu"):
             return current
         choice = "eager"
     if choice != current:
