@@ -20,8 +20,6 @@ from typing import Iterator
 import torch
 from torch import nn
 
-PRECISIONS = ("fp32", "bf16", "bf16_master")
-
 
 class MasterWeights:
     """bf16 compute over the model's fp32 parameters (the master copy), for one process.
@@ -33,7 +31,7 @@ class MasterWeights:
     fp32 training: the optimizer, gradient clipping, checkpoints and export see fp32 tensors only.
 
     Frozen parameters (LoRA's base weights, ``model.freeze_layers_fraction``) never change, so
-    their bf16 copies are made once and reused. The modules in ``keep_fp32`` (the reward head: one
+    their bf16 copies are made at the first pass (after any checkpoint was loaded) and reused. The modules in ``keep_fp32`` (the reward head: one
     dot product per sequence) stay fp32 and get their input cast to fp32, so rewards carry fp32
     resolution instead of bf16's 3 significant digits, which would tie close pairs.
     """
@@ -82,10 +80,6 @@ class MasterWeights:
                     p.grad = g if acc is None else acc.add_(g)
                 else:
                     p.grad = acc
-
-    def forget_frozen(self) -> None:
-        """Drop the cached bf16 copies of frozen weights (after loading new weights into them)."""
-        self._frozen.clear()
 
 
 def fsdp_mixed_precision(precision: str, dtype: torch.dtype = torch.bfloat16):
