@@ -31,9 +31,10 @@ class MasterWeights:
     fp32 training: the optimizer, gradient clipping, checkpoints and export see fp32 tensors only.
 
     Frozen parameters (LoRA's base weights, ``model.freeze_layers_fraction``) never change, so
-    their bf16 copies are made at the first pass (after any checkpoint was loaded) and reused. The modules in ``keep_fp32`` (the reward head: one
-    dot product per sequence) stay fp32 and get their input cast to fp32, so rewards carry fp32
-    resolution instead of bf16's 3 significant digits, which would tie close pairs.
+    their bf16 copies are made at the first pass (after any checkpoint was loaded) and reused.
+    The modules in ``keep_fp32`` (the reward head: one dot product per sequence) stay fp32 and get
+    their input cast to fp32, so rewards carry fp32 resolution instead of bf16's 3 significant
+    digits, which would tie close pairs.
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, keep_fp32: tuple[nn.Module, ...] = ()):
