@@ -31,8 +31,12 @@ FLOPs (documented convention, as in Kaplan et al. / PaLM's MFU): per sequence of
     training = forward + backward, backward = 2x forward for every block that needs gradients;
                blocks below the lowest trainable block are forward only (frozen-layer adjustment).
 Embeddings (lookups), layer norms, the pooler and the 1-output head are left out (< 1%).
-"model FLOPs" count real tokens only; "padded FLOPs" count what the batches actually computed
-(including padding). MFU = model FLOPs / train time / measured GEMM peak.
+"model FLOPs" count real tokens only, for the full model (the same count for both trainers, so the
+MFU ratio is the work ratio). "computed FLOPs" count what the batches actually computed: padding
+included, and with rewardforge's ``model.sparse_last_layer`` the last layer's query, output and MLP
+weights at the read token only (its keys and values, 2 of 12 d^2 per token in BERT, at every token),
+and its attention for one query. MFU = model FLOPs / train time / measured GEMM peak; the roofline
+("pairs/s at 100% peak") uses the computed FLOPs of the real tokens.
 
 TRL is a benchmark-only dependency (``pip install trl``). Usage (from the project root):
 
@@ -134,17 +138,28 @@ def model_flop_profile(model) -> dict[str, Any]:
         seen = seen or t
         need_input_grad.append(seen)
     hidden = getattr(cfg.get_text_config(), "hidden_size", None) or getattr(cfg, "d_model")
+    # rewardforge's sparse last layer: keys and values at every token, the rest at the read token only
+    sparse_kv = None
+    if getattr(model, "sparse_last_layer", False):
+        sparse_kv = sum(m.weight.numel() for n, m in layers[-1].named_modules()
+                        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in ("key", "value", "k_proj", "v_proj"))
     return {"linear_params_per_layer": per_layer, "trainable": trainable, "needs_backward": need_input_grad,
-            "hidden_size": int(hidden), "n_layers": len(per_layer), "block_linear_params": int(sum(per_layer))}
+            "hidden_size": int(hidden), "n_layers": len(per_layer), "block_linear_params": int(sum(per_layer)),
+            "sparse_last_layer_kv_params": sparse_kv}
 
 
-def sequence_flops(prof: dict[str, Any], L: int, training: bool = True) -> float:
-    """FLOPs of one sequence of L tokens (see the module docstring for the formula)."""
+def sequence_flops(prof: dict[str, Any], L: int, training: bool = True, computed: bool = False) -> float:
+    """FLOPs of one sequence of L tokens (see the module docstring for the formula); ``computed``:
+    what the trainer runs (the sparse last layer reads one token), else the full model's count."""
     d = prof["hidden_size"]
+    kv = prof.get("sparse_last_layer_kv_params") if computed else None
+    n = len(prof["linear_params_per_layer"])
     total = 0.0
-    for p, tr, need in zip(prof["linear_params_per_layer"], prof["trainable"], prof["needs_backward"]):
-        lin = 2.0 * p * L
-        att = 4.0 * d * L * L
+    for i, (p, tr, need) in enumerate(zip(prof["linear_params_per_layer"], prof["trainable"], prof["needs_backward"])):
+        if kv is not None and i == n - 1:
+            lin, att = 2.0 * (kv * L + (p - kv)), 4.0 * d * L
+        else:
+            lin, att = 2.0 * p * L, 4.0 * d * L * L
         total += lin + att
         if training:
             if tr:
@@ -152,6 +167,7 @@ def sequence_flops(prof: dict[str, Any], L: int, training: bool = True) -> float
             if need:
                 total += lin + 2.0 * att  # activation gradients (through the matmuls and attention)
     return total
+
 
 
 class TokenCounter:
@@ -178,14 +194,15 @@ class TokenCounter:
             self.lengths.append([int(x) for x in lens] + [int(mask.shape[1])])
         return out
 
-    def flops(self, prof: dict[str, Any]) -> tuple[float, float]:
-        """(model FLOPs on real tokens, FLOPs actually computed including padding)."""
-        real = padded = 0.0
+    def flops(self, prof: dict[str, Any]) -> tuple[float, float, float]:
+        """(model FLOPs on real tokens, FLOPs computed including padding, FLOPs computed on real tokens)."""
+        real = padded = computed_real = 0.0
         for row in self.lengths:
             lens, width = row[:-1], row[-1]
             real += sum(sequence_flops(prof, L) for L in lens)
-            padded += len(lens) * sequence_flops(prof, width)
-        return real, padded
+            computed_real += sum(sequence_flops(prof, L, computed=True) for L in lens)
+            padded += len(lens) * sequence_flops(prof, width, computed=True)
+        return real, padded, computed_real
 
 
 class ForwardTimer:
@@ -388,7 +405,7 @@ def worker_trl(spec: dict) -> dict:
     train_s, train_cpu_s = time.perf_counter() - t2, time.process_time() - c2
     fwd.active = collator.active = False
     peak = peak_rss_mib()
-    real_flops, padded_flops = collator.flops(prof)
+    real_flops, padded_flops, computed_flops = collator.flops(prof)
 
     t3 = time.perf_counter()
     save_dir = Path(spec["save_dir"])
@@ -422,6 +439,7 @@ def worker_trl(spec: dict) -> dict:
         "padded_tokens": collator.padded_tokens,
         "model_flops": real_flops,
         "padded_flops": padded_flops,
+        "computed_flops": computed_flops,
         "flop_profile": {k: v for k, v in prof.items() if k != "linear_params_per_layer"},
         "rss_after_load_mib": rss_after_load,
         "peak_rss_mib": peak,
@@ -479,7 +497,7 @@ def worker_rewardforge(spec: dict) -> dict:
     train_s, train_cpu_s = time.perf_counter() - t1, time.process_time() - c1
     counter.active = fwd.active = False
     peak = peak_rss_mib()
-    real_flops, padded_flops = counter.flops(prof)
+    real_flops, padded_flops, computed_flops = counter.flops(prof)
 
     export = None
     save_s = 0.0
@@ -515,6 +533,7 @@ def worker_rewardforge(spec: dict) -> dict:
         "padded_tokens": counter.padded_tokens,
         "model_flops": real_flops,
         "padded_flops": padded_flops,
+        "computed_flops": computed_flops,
         "flop_profile": {k: v for k, v in prof.items() if k != "linear_params_per_layer"},
         "rss_after_load_mib": rss_after_setup,
         "peak_rss_mib": peak,
@@ -692,7 +711,7 @@ def build_report(args, meta: dict, trl: dict | None, rf: dict, rf_kept: dict | N
             "train_forward_sequences_per_s": r["forward_sequences"] / r["forward_s"] if r["forward_s"] else None,
             "train_forward_real_tokens_per_s": r["real_tokens"] / r["forward_s"] if r["forward_s"] else None,
             # pairs/s this run would reach at 100% of the GEMM peak with zero padding (same real tokens)
-            "roofline_pairs_per_s": r["pairs_trained"] / (r["model_flops"] / peak),
+            "roofline_pairs_per_s": r["pairs_trained"] / (r.get("computed_flops", r["model_flops"]) / peak),
         }
         derived[label] = d
     trl_d = derived.get("TRL RewardTrainer")

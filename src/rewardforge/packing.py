@@ -24,7 +24,7 @@ import torch
 
 # Batch keys (besides input_ids / attention_mask) that RewardModel.forward takes as keywords.
 MODEL_KEYS = ("position_ids", "reward_positions", "attn_mask_4d")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "rf_eager")
 
 
 def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
@@ -114,5 +114,5 @@ def check_share_prompt(model) -> None:
                           f"this model uses pooling {model.pooling!r}: set train.share_prompt=false")
     impl = getattr(model.config, "_attn_implementation", None)
     if impl not in ATTN_IMPLEMENTATIONS:
-        raise ConfigError(f"train.share_prompt=true needs sdpa or eager attention (a custom 4D mask); this model uses "
+        raise ConfigError(f"train.share_prompt=true needs sdpa, eager or rf_eager attention (a custom 4D mask); this model uses "
                           f"{impl!r}: set train.share_prompt=false")
