@@ -124,7 +124,7 @@ def test_without_the_keyword_the_layer_is_unchanged():
     b = sparse.hf.model(input_ids=ids, attention_mask=mask).last_hidden_state
     assert a.shape == b.shape == (4, 9, 32) and torch.equal(a, b)
     assert full.state_dict().keys() == sparse.state_dict().keys()
-    assert lastlayer.install(sparse.hf)  # idempotent
+    assert lastlayer.install(sparse.hf) == "decoder"  # idempotent
 
 
 @pytest.mark.parametrize("family", ["bert", "qwen2"])
@@ -169,6 +169,20 @@ def test_packed_shared_prompt_rows(family, attn):
                       "rejected": np.concatenate([prompt, rng.integers(2, 120, r)]), "margin": float("nan"), "index": i})
     packed = PackedPairCollator(0)(items)
     r, g = max_diffs(full, sparse, packed["input_ids"], packed["attention_mask"], **model_kwargs(packed))
+    assert r <= 1e-6 and g <= 1e-5
+
+
+def test_a_decoder_read_by_its_own_head_runs_the_full_last_layer():
+    """pooling=pooled on a decoder (the transformers head finds the last non-pad token itself, as for
+    a TRL-trained model): the last layer must keep every position."""
+    cls, make_config, _ = FAMILIES["qwen2"]
+    torch.manual_seed(0)
+    hf = cls(make_config())
+    full = RewardModel(hf, "pooled", sparse_last_layer=False)
+    sparse = RewardModel(copy.deepcopy(hf), "pooled", sparse_last_layer=True)
+    ids, mask = batch()
+    ids = ids.masked_fill(mask == 0, 0)  # pad id 0, which the head looks for
+    r, g = max_diffs(full, sparse, ids, mask)
     assert r <= 1e-6 and g <= 1e-5
 
 

@@ -64,24 +64,23 @@ def _family(hf: nn.Module, layer: nn.Module) -> str | None:
     return None
 
 
-def install(hf: nn.Module) -> bool:
-    """Give ``hf``'s last layer the ``rf_read_positions`` keyword; False where the family is not known.
-
-    Idempotent. For encoders the model's head must read only the first token, so the read
-    position is 0 (the callers pass ``[[0]] * batch``).
+def install(hf: nn.Module) -> str | None:
+    """Give ``hf``'s last layer the ``rf_read_positions`` keyword; returns the family (``encoder``:
+    its sequence-classification head reads only the first token; ``decoder``), None where the
+    layer structure is not known. Idempotent.
     """
     layers = _layers(hf)
     if layers is None:
-        return False
+        return None
     layer = layers[-1]
-    if getattr(layer, "_rf_read_positions", False):
-        return True
+    if getattr(layer, "_rf_family", None):
+        return layer._rf_family
     family = _family(hf, layer)
     if family is None:
-        return False
+        return None
     layer.forward = MethodType(partial(_forward, family=family), layer)
-    layer._rf_read_positions = True
-    return True
+    layer._rf_family = family
+    return family
 
 
 def _gather(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -175,7 +175,8 @@ class RewardModel(nn.Module):
         self.model = model  # a transformers model, or a peft model wrapping one
         self.pooling = pooling
         # The last layer computed only at the reward tokens (rewardforge.lastlayer); exact.
-        self.sparse_last_layer = sparse_last_layer and lastlayer.install(self.hf)
+        self.last_layer_family = lastlayer.install(self.hf) if sparse_last_layer else None
+        self.sparse_last_layer = self.last_layer_family is not None
 
     @property
     def hf(self) -> nn.Module:
@@ -217,8 +218,10 @@ class RewardModel(nn.Module):
             last = torch.cat([hidden[rows, reward_positions[:, j]] for j in range(reward_positions.shape[1])])
             return self.head()(last).float()
         if self.pooling == "pooled":
-            # the head reads the first token only (lastlayer checks the family), so the last layer computes just it
-            read = {lastlayer.READ_POSITIONS: input_ids.new_zeros(input_ids.shape[0], 1)} if self.sparse_last_layer else {}
+            # An encoder's head reads the first token only, so the last layer computes just it. (A decoder's
+            # own head, pooling=pooled, finds its token from the pad id: its last layer runs in full.)
+            first_token_head = self.sparse_last_layer and self.last_layer_family == "encoder"
+            read = {lastlayer.READ_POSITIONS: input_ids.new_zeros(input_ids.shape[0], 1)} if first_token_head else {}
             logits = self.hf(input_ids=input_ids, attention_mask=attention_mask, **read).logits
             return logits.float()
         # Positions count real tokens only, so left and right padding give the same rewards.
