@@ -58,14 +58,20 @@ def test_master_weights_are_fp32_between_passes_and_bf16_inside(kind, tiny_model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     master = _master(model)
     head = {id(p) for p in model.head().parameters()}
+    tables = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    fp32 = head | {id(p) for m in tables for p in m.parameters()}
     with master.compute():
-        assert {p.dtype for p in model.parameters() if id(p) not in head} == {torch.bfloat16}
+        assert {p.dtype for p in model.parameters() if id(p) not in fp32} == {torch.bfloat16}
         assert {p.dtype for p in model.head().parameters()} == {torch.float32}  # rewards keep fp32 resolution
+        # embedding tables stay fp32 (no copy per pass); the rows they return are bf16
+        assert tables and {m.weight.dtype for m in tables} == {torch.float32}
         seen = {}
         h = model.hf.base_model.register_forward_hook(lambda m, a, out: seen.update(dtype=out[0].dtype))
+        e = tables[0].register_forward_hook(lambda m, a, out: seen.update(rows=out.dtype))
         _loss(model, ids, mask).backward()
-        h.remove()
+        h.remove(), e.remove()
     assert seen["dtype"] == torch.bfloat16  # activations are bf16, not autocast's fp32 residual stream
+    assert seen["rows"] == torch.bfloat16
     for n, p in model.named_parameters():
         assert p.dtype == torch.float32 and torch.equal(p.detach(), before[n]), n  # no step: master untouched
         assert p.grad is not None and p.grad.dtype == torch.float32, n
