@@ -128,6 +128,29 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
     return generate(n, seed)
 
 
+def train_variants(model_dir, tmp_path, variants: dict, *common: str, pairs: int = 64, steps: int = 5):
+    """Train the same short run once per variant (name -> extra overrides) on the same synthetic pairs;
+    returns ``({name: summary}, {name: exported weights}, max |weight difference| between the first two)``."""
+    from safetensors.torch import load_file
+
+    from rewardforge.config import load_config
+    from rewardforge.train import run_training
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(pairs))
+    val = write_jsonl(tmp_path / "val.jsonl", synthetic_pairs(16, seed=5))
+    summaries, weights = {}, {}
+    for name, extra in variants.items():
+        out = tmp_path / f"variant-{name}"
+        args = [f"model.name_or_path={model_dir}", f"data.train=[{data}]", f"data.validation=[{val}]",
+                "train.batch_size=8", "train.learning_rate=1e-3", f"train.max_steps={steps}", "data.cache_dir=none",
+                f"output_dir={out}", *common, *extra]
+        summaries[name] = run_training(load_config(None, args), progress=False)
+        weights[name] = load_file(out / "model/model.safetensors")
+    a, b = list(weights.values())[:2]
+    assert a.keys() == b.keys()
+    return summaries, weights, max((a[k] - b[k]).abs().max().item() for k in a)
+
+
 def rated_rows(n: int, seed: int = 0) -> list[dict]:
     """Regression rows whose labels depend on the response (learnable): helpfulness, safety."""
     rng = random.Random(seed)

@@ -10,8 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_pairs, write_jsonl
-from safetensors.torch import load_file
+from conftest import train_variants
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -30,10 +29,9 @@ from transformers import (
 )
 
 from rewardforge import lastlayer
-from rewardforge.config import ModelConfig, load_config
+from rewardforge.config import ModelConfig
 from rewardforge.models import RewardModel, build_model, load_reward_model, load_tokenizer
 from rewardforge.packing import PackedPairCollator, model_kwargs
-from rewardforge.train import run_training
 
 ENC = dict(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2)
@@ -206,24 +204,14 @@ def test_falls_back_to_the_full_layer_where_it_cannot_apply():
 def test_training_and_export_match_the_full_layer(tiny_model, tmp_path):
     """5 optimizer steps with the sparse last layer end at the full layer's weights, and the export
     (loaded with the sparse layer) scores like the model that was trained."""
-    data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(64))
-    val = write_jsonl(tmp_path / "val.jsonl", synthetic_pairs(16, seed=5))
-    weights, summaries = {}, {}
-    for sparse in (False, True):
-        out = tmp_path / f"sparse-{sparse}"
-        args = [f"model.name_or_path={tiny_model('bert')}", f"data.train=[{data}]", f"data.validation=[{val}]",
-                "train.batch_size=8", "train.learning_rate=1e-3", "train.max_steps=5", "data.cache_dir=none",
-                f"output_dir={out}", f"model.sparse_last_layer={str(sparse).lower()}"]
-        summaries[sparse] = run_training(load_config(None, args), progress=False)
-        weights[sparse] = load_file(out / "model/model.safetensors")
-    assert weights[True].keys() == weights[False].keys()
-    diff = max((weights[True][k] - weights[False][k]).abs().max().item() for k in weights[False])
+    summaries, _, diff = train_variants(tiny_model("bert"), tmp_path, {False: ["model.sparse_last_layer=false"],
+                                                                       True: ["model.sparse_last_layer=true"]})
     # Adam moves each weight up to lr * steps = 5e-3; rounding differences in tiny gradients stay far below
     assert diff <= 1e-4, f"weights differ by {diff:.2e} after 5 steps"
     a, b = summaries[False]["final_validation"], summaries[True]["final_validation"]
     assert a["accuracy"] == b["accuracy"] and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
 
-    model, tok, _ = load_reward_model(tmp_path / "sparse-True" / "model")
+    model, tok, _ = load_reward_model(tmp_path / "variant-True" / "model")
     assert model.sparse_last_layer
     enc = tok(["the quick brown fox", "a reward model reads one token"], padding=True, return_tensors="pt")
     with torch.no_grad():

@@ -8,8 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import synthetic_pairs, write_jsonl
-from safetensors.torch import load_file
+from conftest import synthetic_pairs, train_variants, write_jsonl
 
 from rewardforge.config import ConfigError, ModelConfig, load_config
 from rewardforge.data.batching import PairCollator
@@ -125,17 +124,9 @@ def test_packed_with_lora_equals_plain(tiny_model):
 
 
 def test_training_with_share_prompt_ends_with_the_same_weights(tiny_model, tmp_path):
-    data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(96))
-    val = write_jsonl(tmp_path / "val.jsonl", synthetic_pairs(16, seed=5))
-    summaries, weights = {}, {}
-    for share in (False, True):
-        out = tmp_path / f"share-{share}"
-        args = [f"model.name_or_path={tiny_model('qwen2')}", f"data.train=[{data}]", f"data.validation=[{val}]",
-                "train.batch_size=8", "train.learning_rate=1e-3", "train.max_steps=5", "train.gradient_accumulation_steps=2",
-                "data.cache_dir=none", f"output_dir={out}", f"train.share_prompt={str(share).lower()}"]
-        summaries[share] = run_training(load_config(None, args), progress=False)
-        weights[share] = load_file(out / "model/model.safetensors")
-    diff = max((weights[True][k] - weights[False][k]).abs().max().item() for k in weights[False])
+    summaries, _, diff = train_variants(tiny_model("qwen2"), tmp_path, {False: ["train.share_prompt=false"],
+                                                                        True: ["train.share_prompt=true"]},
+                                        "train.gradient_accumulation_steps=2", pairs=96)
     print(f"\nmax |weight diff| after 5 steps (share_prompt on vs off): {diff:.2e}")
     assert diff <= 1e-4
     a, b = summaries[False]["final_validation"], summaries[True]["final_validation"]
