@@ -147,6 +147,18 @@ def test_attention_dropout_goes_to_the_models_eager_function():
     assert torch.equal(with_dropout, expected)
 
 
+def test_under_autocast_it_runs_eager():
+    """train.precision=bf16 with model.attn_implementation=rf_eager: autocast's mixed dtypes go to eager."""
+    eager, fast = _models("llama")
+    ids, mask = _batch()
+    out = {}
+    for name, m in (("eager", eager), ("fast", fast)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out[name] = _rewards_and_grads(m, ids, mask)
+    torch.testing.assert_close(out["fast"][0], out["eager"][0], atol=0, rtol=0)
+    assert all(torch.equal(out["fast"][1][n], out["eager"][1][n]) for n in out["eager"][1])
+
+
 def test_auto_picks_rf_eager_for_bf16_master_on_cpu_for_known_families():
     eager, _ = _models("llama")
     assert set_attention(eager, "auto", "bf16_master", CPU) == attention.NAME

@@ -15,8 +15,8 @@ probabilities kept for the backward pass) written as one autograd function:
 Used by ``model.attn_implementation=auto`` for ``train.precision=bf16_master`` on CPU (see
 :func:`rewardforge.models.set_attention`), and by name (``rf_eager``) anywhere. It is registered
 with transformers' ``AttentionInterface`` and uses eager's additive float masks. Attention dropout
-and logit soft-capping are not written out: with either, the call goes to the model's own eager
-function. Equal to eager within float rounding (tests/test_attention.py).
+and logit soft-capping are not written out, nor mixed dtypes under autocast: with any of these, the
+call goes to the model's own eager function. Equal to eager within float rounding (tests/test_attention.py).
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def rf_eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor
                        attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                        **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: returns ``([B, Lq, H, D], None)``."""
-    if (dropout and module.training) or kwargs.get("softcap") or getattr(module, "sinks", None) is not None:
+    unsupported = (dropout and module.training) or kwargs.get("softcap") or getattr(module, "sinks", None) is not None
+    if unsupported or torch.is_autocast_enabled(query.device.type):  # autocast mixes dtypes: eager's own path
         eager = sys.modules[type(module).__module__].eager_attention_forward
         return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if scaling is None:
