@@ -10,11 +10,13 @@ probabilities kept for the backward pass) written as one autograd function:
   place. transformers runs each as a separate pass over the ``[B, H, L, L]`` scores and allocates a
   new tensor for each, in the forward pass and again in the backward pass.
 * The backward pass is written out: ``dV = P^T dO``, ``dP = dO V^T``, ``dS = softmax'(dP)``,
-  ``dQ = scale * dS K``, ``dK = scale * dS^T Q``. It keeps only P (as eager does), the contiguous Q, K, V and the output.
+  ``dQ = scale * dS K``, ``dK = scale * dS^T Q``. It keeps only P (as eager does), the contiguous
+  Q, K, V and the output.
 
 Used by ``model.attn_implementation=auto`` for ``train.precision=bf16_master`` on CPU (see
 :func:`rewardforge.models.set_attention`), and by name (``rf_eager``) anywhere. It is registered
-with transformers' ``AttentionInterface`` and uses eager's additive float masks. Attention dropout
+with transformers' ``AttentionInterface`` and gets eager's additive float masks (boolean masks,
+True = attend, work too). Attention dropout
 and logit soft-capping are not written out, nor mixed dtypes under autocast: with any of these, the
 call goes to the model's own eager function. Equal to eager within float rounding (tests/test_attention.py).
 """
@@ -33,7 +35,7 @@ MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "llama", "mistral", 
 
 
 def _empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """A broadcast zero-size input for ``baddbmm(..., beta=0)`` (ignored, never materialised)."""
+    """The ``input`` of ``baddbmm(..., beta=0)``: one element broadcast to ``shape`` (beta=0 ignores it)."""
     return like.new_empty((1, 1, 1)).expand(*shape)
 
 
