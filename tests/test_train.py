@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -216,3 +217,32 @@ def test_lora_export_can_also_save_the_adapter_with_its_trained_head(tiny_model,
     # the adapter carries the trained head: the same weights as the merged export's head
     exported = load_file(tmp_path / "model/model.safetensors")
     torch.testing.assert_close(peft_model.head().modules_to_save["default"].weight.detach(), exported["classifier.weight"])
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1.0, 3.0, float("inf")])
+def test_clip_gradients_equals_torch_clip_grad_norm(max_norm):
+    """Above the limit the gradients are scaled exactly as torch does; within it they are left as they are."""
+    from rewardforge.train import clip_gradients
+
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    for p, q in zip(a, b):
+        p.grad = torch.randn_like(p) * 0.3
+        q.grad = p.grad.clone()
+    b[1].grad = None  # a parameter without a gradient is skipped by both
+    a[1].grad = None
+    expected = torch.nn.utils.clip_grad_norm_(b, max_norm)
+    got = clip_gradients(a, max_norm)
+    assert got == pytest.approx(float(expected), rel=1e-6)
+    assert 0.5 < got < 3.0  # the cases straddle the norm
+    for p, q in zip(a, b):
+        assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
+
+
+def test_clip_gradients_reports_a_non_finite_norm():
+    from rewardforge.train import clip_gradients
+
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.tensor([1.0, float("nan"), 2.0])
+    assert math.isnan(clip_gradients([p], 1.0))
