@@ -43,6 +43,7 @@ TRL is a benchmark-only dependency (``pip install trl``). Usage (from the projec
     python bench/train_vs_trl.py                              # MiniLM, 400 pairs, max_length 256
     python bench/train_vs_trl.py --backbone tiny-qwen2 --pairs 200
     python bench/train_vs_trl.py --skip-trl --pairs 1000      # rewardforge only
+    python bench/train_vs_trl.py --skip-trl --skip-kept --profile --precision bf16_master   # + where a step's time goes
 """
 
 from __future__ import annotations
@@ -447,6 +448,44 @@ def worker_trl(spec: dict) -> dict:
     }
 
 
+# Where a training step's time goes (--profile): torch.profiler's self time per operator, in groups.
+OP_GROUPS = (
+    ("linear-layer matmuls (mm, addmm)", ("aten::mm", "aten::addmm")),
+    ("attention matmuls (bmm, baddbmm) and sdpa kernels", ("aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                                                           "aten::_scaled_dot_product_flash_attention_for_cpu_backward")),
+    ("softmax, forward and backward", ("aten::_softmax", "aten::_softmax_backward_data")),
+    ("AdamW and zero_grad", ("aten::_fused_adamw_", "Optimizer.")),
+    ("copies and casts", ("aten::copy_", "aten::_to_copy", "aten::clone", "aten::contiguous")),
+    ("fills (zeros, embedding gradient)", ("aten::fill_", "aten::zero_", "aten::zeros", "aten::embedding_dense_backward")),
+    ("activations and norms (GELU, SiLU, LayerNorm)", ("aten::gelu", "aten::gelu_backward", "aten::silu", "aten::silu_backward",
+                                                       "aten::native_layer_norm", "aten::native_layer_norm_backward")),
+    ("elementwise and reductions (add, mul, sub, sum, norm)", ("aten::add", "aten::add_", "aten::mul", "aten::mul_", "aten::sub",
+                                                              "aten::sub_", "aten::div", "aten::div_", "aten::sum", "aten::mean",
+                                                              "aten::pow", "aten::rsqrt", "aten::linalg_vector_norm")),
+)
+
+
+def step_time_breakdown(events, steps: int) -> dict[str, Any]:
+    """Group ``torch.profiler`` key averages by ``OP_GROUPS`` (self CPU time of the calling thread:
+    an operator's wall time, its OpenMP threads included); the rest is Python, autograd and small ops."""
+    total = sum(e.self_cpu_time_total for e in events)
+    groups = {name: 0.0 for name, _ in OP_GROUPS}
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:15]
+    for e in events:
+        for name, ops in OP_GROUPS:
+            if any(e.key == op or (op.endswith(".") and e.key.startswith(op)) for op in ops):
+                groups[name] += e.self_cpu_time_total
+                break
+    groups["everything else (Python, autograd, small ops)"] = total - sum(groups.values())
+    ms = lambda us: us / 1e3 / max(steps, 1)  # noqa: E731
+    return {
+        "steps": steps,
+        "total_ms_per_step": ms(total),
+        "groups_ms_per_step": {k: ms(v) for k, v in groups.items()},
+        "top_ops_ms_per_step": [(e.key, ms(e.self_cpu_time_total), e.count) for e in top],
+    }
+
+
 def worker_rewardforge(spec: dict) -> dict:
     t_import = time.perf_counter()
     import torch
@@ -492,9 +531,19 @@ def worker_rewardforge(spec: dict) -> dict:
     fwd = ForwardTimer(run.model)
     prof = model_flop_profile(run.model)
 
+    profiler = None
+    if spec.get("profile"):
+        from torch.profiler import ProfilerActivity, profile
+
+        profiler = profile(activities=[ProfilerActivity.CPU])
+        profiler.start()
     t1, c1 = time.perf_counter(), time.process_time()
     train(run, progress=False)
     train_s, train_cpu_s = time.perf_counter() - t1, time.process_time() - c1
+    breakdown = None
+    if profiler is not None:
+        profiler.stop()
+        breakdown = step_time_breakdown(profiler.key_averages(), int(run.state.step))
     counter.active = fwd.active = False
     peak = peak_rss_mib()
     real_flops, padded_flops, computed_flops = counter.flops(prof)
@@ -538,6 +587,7 @@ def worker_rewardforge(spec: dict) -> dict:
         "rss_after_load_mib": rss_after_setup,
         "peak_rss_mib": peak,
         "torch_threads": torch.get_num_threads(),
+        "step_time_breakdown": breakdown,
     }
 
 
@@ -690,6 +740,18 @@ def _fmt(v, spec="{:.2f}") -> str:
     return spec.format(v)
 
 
+def format_breakdown(profiled: dict) -> str:
+    b = profiled["step_time_breakdown"]
+    lines = [f"where a rewardforge training step goes (torch.profiler, a separate cold run of {b['steps']} steps: "
+             f"{profiled['train_s']:.2f} s with the profiler on; self time of each operator, ms per step):"]
+    total = b["total_ms_per_step"]
+    for name, v in b["groups_ms_per_step"].items():
+        lines.append(f"  {name:<58s} {v:8.1f} ms  {v / total:6.1%}")
+    lines.append(f"  {'total':<58s} {total:8.1f} ms")
+    lines.append("  top operators: " + ", ".join(f"{k} {v:.1f} ms ({n // max(b['steps'], 1)}/step)" for k, v, n in b["top_ops_ms_per_step"][:8]))
+    return "\n".join(lines)
+
+
 def build_report(args, meta: dict, trl: dict | None, rf: dict, rf_kept: dict | None, ev: dict, peak: float) -> tuple[str, dict]:
     lines: list[str] = []
     cols = [("TRL RewardTrainer", trl), ("rewardforge", rf)]
@@ -835,6 +897,9 @@ def parse_args(argv=None):
                    help="run TRL with its own defaults for bf16 (True) and gradient_checkpointing (True) instead of matching rewardforge")
     p.add_argument("--skip-trl", action="store_true", help="train only rewardforge")
     p.add_argument("--skip-kept", action="store_true", help="skip the rewardforge run on only the pairs TRL keeps")
+    p.add_argument("--profile", action="store_true",
+                   help="after the timed runs, train rewardforge once more under torch.profiler and print where a step's time goes "
+                        "(the profiled run is not timed against TRL)")
     p.add_argument("--rf-override", action="append", default=[], help="extra rewardforge config override (section.key=value); repeatable")
     p.add_argument("--out", default=str(ROOT / "runs" / "bench" / "train_vs_trl.json"), help="JSON results file")
     p.add_argument("--workdir", default=None, help="where models/data/logs go (default: a temp dir, removed unless --keep-workdir)")
@@ -915,6 +980,11 @@ def main(argv=None) -> int:
                 kept_runs.append(run_worker("rewardforge", dict(base, train_file=str(kept_file), cache_dir=str(workdir / f"rf_cache_kept{sfx}"),
                                                                 output_dir=str(workdir / f"rf_out_kept{sfx}"), save_dir=None,
                                                                 extra_overrides=args.rf_override), workdir, tag=f"rewardforge_kept{sfx}"))
+        profiled = None
+        if args.profile:
+            profiled = run_worker("rewardforge", dict(base, cache_dir=str(workdir / "rf_cache_prof"), output_dir=str(workdir / "rf_out_prof"),
+                                                      save_dir=None, profile=True, extra_overrides=args.rf_override),
+                                  workdir, tag="rewardforge_profile")
         fastest = lambda runs: min(runs, key=lambda r: r["train_s"]) if runs else None  # noqa: E731
         trl_res, rf_res, rf_kept = fastest(trl_runs), fastest(rf_runs), fastest(kept_runs)
         all_train_s = {"trl": [r["train_s"] for r in trl_runs], "rewardforge": [r["train_s"] for r in rf_runs],
@@ -954,6 +1024,8 @@ def main(argv=None) -> int:
             "FLOPs per sequence of L tokens: 6*N*L + 12*n_layers*d*L^2 (N = block nn.Linear weights; fwd 2NL + 4 n_layers d L^2, bwd 2x fwd)",
         ]
         text = "\n".join(header) + "\n" + table
+        if profiled is not None:
+            text += "\n" + format_breakdown(profiled)
         print(text)
         out = {
             "args": {k: v for k, v in vars(args).items() if k not in ("worker", "spec")},
@@ -970,6 +1042,7 @@ def main(argv=None) -> int:
             "rewardforge": rf_res,
             "rewardforge_trl_kept": rf_kept,
             "all_train_s": all_train_s,
+            "rewardforge_profiled": profiled,
             "eval": ev,
             **extra,
             "table": text,
