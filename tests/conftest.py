@@ -38,11 +38,22 @@ def make_tokenizer(kind: str):
     from transformers import PreTrainedTokenizerFast
 
     if kind == "bert":
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        trainer = trainers.WordPieceTrainer(vocab_size=400, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-        tok.train_from_iterator(CORPUS, trainer)
+        # The vocabulary is built here, not by tokenizers' WordPieceTrainer: that trainer's vocabulary
+        # differs from process to process, so the same text got other ids (and gradient-tolerance
+        # tests other inputs) in each run. Here: specials, every character (also as a ## suffix
+        # piece), then the corpus words by count; words outside it split into characters.
+        norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+        counts: dict[str, int] = {}
+        for text in CORPUS:
+            for word, _ in pre.pre_tokenize_str(norm.normalize_str(text)):
+                counts[word] = counts.get(word, 0) + 1
+        chars = sorted({c for w in counts for c in w} | set("abcdefghijklmnopqrstuvwxyz0123456789.,!?'\":;-()"))
+        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *(f"##{c}" for c in chars)]
+        seen = set(vocab)
+        vocab += [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if w not in seen]
+        tok = Tokenizer(models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]"))
+        tok.normalizer = norm
+        tok.pre_tokenizer = pre
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
