@@ -141,7 +141,8 @@ def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
 
 def train_variants(model_dir, tmp_path, variants: dict, *common: str, pairs: int = 64, steps: int = 5):
     """Train the same short run once per variant (name -> extra overrides) on the same synthetic pairs;
-    returns ``({name: summary}, {name: exported weights}, max |weight difference| between the first two)``."""
+    returns ``({name: summary}, {name: exported weights}, max |weight difference| between the first two)``.
+    The runs are fp32 (tight comparisons) unless ``common`` or a variant sets ``train.precision``."""
     from safetensors.torch import load_file
 
     from rewardforge.config import load_config
@@ -154,7 +155,7 @@ def train_variants(model_dir, tmp_path, variants: dict, *common: str, pairs: int
         out = tmp_path / f"variant-{name}"
         args = [f"model.name_or_path={model_dir}", f"data.train=[{data}]", f"data.validation=[{val}]",
                 "train.batch_size=8", "train.learning_rate=1e-3", f"train.max_steps={steps}", "data.cache_dir=none",
-                f"output_dir={out}", *common, *extra]
+                f"output_dir={out}", "train.precision=fp32", *common, *extra]
         summaries[name] = run_training(load_config(None, args), progress=False)
         weights[name] = load_file(out / "model/model.safetensors")
     a, b = list(weights.values())[:2]

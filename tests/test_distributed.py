@@ -40,7 +40,7 @@ def runs(tiny_model, tmp_path_factory):
     data = write_jsonl(root / "pairs.jsonl", synthetic_pairs(75))  # 75 pairs: the epoch ends on a ragged global batch
     val = write_jsonl(root / "val.jsonl", synthetic_pairs(21, seed=1))  # 21: processes get unequal validation batches
     common = [f"model.name_or_path={tiny_model('llama')}", f"data.train=[{data}]", f"data.validation=[{val}]",
-              "train.learning_rate=1e-3",
+              "train.learning_rate=1e-3", "train.precision=fp32",  # one vs two processes compared at 1e-5
               "data.cache_dir=none", "train.epochs=1", "train.log_steps=1", "train.save_steps=4", "train.save_total_limit=0"]
     _train(1, common + ["train.batch_size=8", f"output_dir={root / 'one'}"], root)
     two = _train(2, common + ["train.batch_size=4", f"output_dir={root / 'two'}"], root)

@@ -256,3 +256,47 @@ def test_exported_config_does_not_pin_the_training_attention(tiny_model, pairs_f
     run_training(load_config(None, _args(tiny_model("gpt2"), pairs_file, tmp_path / "o", "train.max_steps=1")), progress=False)
     cfg = json.loads((tmp_path / "o/model/config.json").read_text())
     assert cfg.get("attn_implementation") in (None, "sdpa") and cfg.get("_attn_implementation") in (None, "sdpa")
+
+
+@pytest.mark.parametrize("native, device, ddp, expected", [
+    (True, "cpu", False, "bf16_master"), (True, "cpu", True, "bf16"), (True, "cuda", False, "bf16"),
+    (False, "cpu", False, "fp32"), (False, "cuda", True, "fp32"),
+])
+def test_precision_auto_resolves_by_hardware_and_launch(native, device, ddp, expected, monkeypatch):
+    import rewardforge.precision as prec
+
+    monkeypatch.setattr(prec, "native_bf16", lambda device_type: native)
+    assert prec.resolve_precision("auto", device_type=device, ddp=ddp) == expected
+    for explicit in ("fp32", "bf16", "bf16_master"):  # an explicit choice is kept
+        assert prec.resolve_precision(explicit, device_type=device, ddp=ddp) == explicit
+
+
+def test_native_bf16_on_this_cpu_matches_its_flags():
+    from pathlib import Path
+
+    from rewardforge.precision import native_bf16
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file() or "flags" not in cpuinfo.read_text():
+        pytest.skip("no /proc/cpuinfo flags to compare with (not Linux x86)")
+    flags = set(next(l for l in cpuinfo.read_text().splitlines() if l.startswith("flags")).split(":", 1)[1].split())
+    assert native_bf16("cpu") == bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_default_precision_is_resolved_at_setup_and_recorded(native, tiny_model, pairs_file, tmp_path, monkeypatch):
+    import rewardforge.precision as prec
+
+    monkeypatch.setattr(prec, "native_bf16", lambda device_type: native)
+    args = [a for a in _args(tiny_model("bert"), pairs_file, tmp_path / "o", "train.max_steps=2") if not a.startswith("train.precision")]
+    cfg = load_config(None, args)
+    assert cfg.train.precision == "auto"
+    run = setup(cfg)
+    assert run.cfg.train.precision == ("bf16_master" if native else "fp32")
+    assert (run.master is not None) == native
+    del run
+    import yaml
+
+    run_training(load_config(None, args), progress=False)
+    saved = yaml.safe_load((tmp_path / "o/config.yaml").read_text())  # the run's config, as it ran
+    assert saved["train"]["precision"] == ("bf16_master" if native else "fp32")

@@ -100,10 +100,11 @@ def test_resume_from_a_path_that_is_not_a_checkpoint_is_an_error(tiny_model, pai
 
 @pytest.mark.parametrize("kind", ["gpt2", "bert"])
 def test_exported_scorer_reproduces_validation_metrics(kind, tiny_model, pairs_file, tmp_path):
-    """The reloaded model scores the validation pairs exactly as the training-time model did."""
+    """The reloaded model scores the validation pairs exactly as the training-time model did (in fp32:
+    under the bf16 precisions validation runs in bf16, while the export scores in fp32)."""
     val = write_jsonl(tmp_path / "val.jsonl", synthetic_pairs(24, seed=7))
     s = run_training(load_config(None, _base(tiny_model(kind), pairs_file, tmp_path / "o", "train.max_steps=4",
-                                             f"data.validation=[{val}]")), progress=False)
+                                             f"data.validation=[{val}]", "train.precision=fp32")), progress=False)
     scorer = rewardforge.load(tmp_path / "o/model", batch_size=5)
     rows = [json.loads(l) for l in val.read_text().splitlines()]
     rc, rr = scorer.score_pairs([r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows])

@@ -91,7 +91,7 @@ class TrainConfig:
     warmup_ratio: float = _f(0.03, "Fraction of steps spent warming up linearly.")
     lr_scheduler: str = _f("cosine", "Decay after warmup: cosine, linear or constant.")
     max_grad_norm: float = _f(1.0, "Clip gradients to this norm (0 disables clipping).")
-    precision: str = _f("fp32", "fp32; bf16 (autocast: fp32 weights, matmuls in bf16, as TRL and the HF Trainer); or bf16_master (forward and backward entirely in bf16 over fp32 master weights, accumulation and AdamW state: NeMo/Megatron's O2; fastest on CPUs with avx512_bf16/AMX and on GPUs). Not with train.strategy=ddp.")
+    precision: str = _f("auto", "auto (default: bf16_master on one process or FSDP, bf16 with DDP, on a CPU with native bf16 math, AVX512-BF16 or AMX; bf16 on a CUDA GPU with bf16; fp32 elsewhere; resolved when training starts and recorded in the run's config); fp32; bf16 (autocast: fp32 weights, matmuls in bf16, as TRL and the HF Trainer); or bf16_master (forward and backward entirely in bf16 over fp32 master weights, accumulation and AdamW state: NeMo/Megatron's O2; fastest on CPUs with avx512_bf16/AMX and on GPUs). Not with train.strategy=ddp.")
     seed: int = _f(42, "Seed for weights of the head, data order and dropout.")
     eval_steps: int = _f(0, "Validate every N optimizer steps (0: only at the end).")
     save_steps: int = _f(0, "Checkpoint every N optimizer steps (0: only at the end).")
@@ -133,7 +133,7 @@ _CHOICES = {
     ("model", "pooling"): ("auto", "last_token", "pooled"),
     ("data", "truncation"): ("prompt_left", "response_right"),
     ("train", "lr_scheduler"): ("cosine", "linear", "constant"),
-    ("train", "precision"): ("fp32", "bf16", "bf16_master"),
+    ("train", "precision"): ("auto", "fp32", "bf16", "bf16_master"),
     ("train", "nonfinite"): ("stop", "skip"),
     ("train", "strategy"): ("auto", "ddp", "fsdp"),
 }

@@ -2,6 +2,7 @@
 
 ``train.precision``:
 
+* ``auto`` (the default): :func:`resolve_precision` picks one of the three below for the hardware.
 * ``fp32``: everything in fp32.
 * ``bf16``: ``torch.autocast`` (what TRL and the HF Trainer do): fp32 weights; matmuls in bf16,
   softmax, layer norms and the residual stream in fp32, so activations are cast back and forth.
@@ -93,6 +94,28 @@ class MasterWeights:
                     p.grad = g if acc is None else acc.add_(g)
                 else:
                     p.grad = acc
+
+
+def native_bf16(device_type: str) -> bool:
+    """Whether bf16 math is native here: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or
+    AMX (elsewhere oneDNN emulates bf16, no faster than fp32)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+        return any(bool(check()) for check in checks if check is not None)
+    return False
+
+
+def resolve_precision(precision: str, *, device_type: str, ddp: bool) -> str:
+    """``train.precision=auto`` made concrete: bf16_master where bf16 is native on a CPU (bf16
+    autocast under DDP, which bf16_master does not run with), bf16 autocast on a CUDA GPU with bf16,
+    fp32 elsewhere. Other values are returned as they are."""
+    if precision != "auto":
+        return precision
+    if not native_bf16(device_type):
+        return "fp32"
+    return "bf16_master" if device_type == "cpu" and not ddp else "bf16"
 
 
 def fsdp_mixed_precision(precision: str, dtype: torch.dtype = torch.bfloat16):

@@ -48,7 +48,7 @@ from rewardforge.export import reward_statistics, write_model_dir
 from rewardforge.faults import fault_point
 from rewardforge.models import load_tokenizer, set_attention
 from rewardforge.packing import PackedPairCollator, check_share_prompt, model_kwargs
-from rewardforge.precision import MasterWeights
+from rewardforge.precision import MasterWeights, resolve_precision
 from rewardforge.registry import RewardModelSpec, attribute_weights, get_reward_model_spec, output_names
 
 
@@ -163,14 +163,15 @@ def estimate_memory(model, cfg: Config, max_tokens: int, shards: int = 1) -> dic
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     h, layers, heads = c.hidden_size, c.num_hidden_layers, c.num_attention_heads
     b, s_len = 2 * cfg.train.batch_size, max_tokens
-    half = cfg.train.precision in ("bf16", "bf16_master")
+    precision = effective_precision(cfg)
+    half = precision in ("bf16", "bf16_master")
     per_layer = s_len * b * h * (34 + 5 * heads * s_len / h) * (1 if half else 2)
     act = per_layer * (2 if cfg.model.gradient_checkpointing else layers)
     gib = 1024**3
     gathered = 2 * 4 * total / max(layers, 1) if shards > 1 else 0.0  # a block's full weights and grads
     out = {"parameters": total, "trainable_parameters": trainable, "shards": shards,
            # bf16_master adds a bf16 copy of the weights (gathered per block under FSDP)
-           "weights_gib": ((4 + 2 * (cfg.train.precision == "bf16_master" and shards == 1)) * total / shards + gathered) / gib,
+           "weights_gib": ((4 + 2 * (precision == "bf16_master" and shards == 1)) * total / shards + gathered) / gib,
            "grads_and_optimizer_gib": 12 * trainable / shards / gib, "activations_gib": act / gib}
     out["total_gib"] = out["weights_gib"] + out["grads_and_optimizer_gib"] + out["activations_gib"]
     return out
@@ -191,6 +192,13 @@ def estimate_for_config(cfg: Config, processes: int = 1) -> dict[str, float]:
         model = spec.build_model(cfg, tokenizer)
     shards = processes if cfg.train.strategy == "fsdp" and processes > 1 else 1
     return {"processes": processes, "strategy": cfg.train.strategy, **estimate_memory(model, cfg, cfg.data.max_length, shards=shards)}
+
+
+def effective_precision(cfg: Config) -> str:
+    """``train.precision`` for this machine and launch (``auto`` resolved; see :func:`resolve_precision`)."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    ddp = processes > 1 and cfg.train.strategy != "fsdp"
+    return resolve_precision(cfg.train.precision, device_type="cuda" if torch.cuda.is_available() else "cpu", ddp=ddp)
 
 
 def _make_accelerator(cfg: Config):
@@ -218,6 +226,7 @@ def setup(cfg: Config, *, accelerator=None) -> Run:
     spec.check(cfg)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    cfg.train.precision = effective_precision(cfg)  # auto -> what it means here, recorded in the run's config
     out = Path(cfg.output_dir)
     accelerator = accelerator or _make_accelerator(cfg)
     strategy = resolve_strategy(cfg, accelerator)
@@ -575,7 +584,7 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
     if acc.is_main_process:
         (out / "config.yaml").write_text(__import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
         _print_data(run)
-        print(f"strategy: {run.strategy} on {acc.num_processes} process(es), device {acc.device}")
+        print(f"strategy: {run.strategy} on {acc.num_processes} process(es), device {acc.device}, precision {cfg.train.precision}")
         if progress:
             print(f"model: {memory['parameters'] / 1e6:.1f}M parameters ({memory['trainable_parameters'] / 1e6:.1f}M trainable); "
                   f"estimated peak memory per process {memory['total_gib']:.2f} GiB (weights {memory['weights_gib']:.2f}, "
