@@ -300,3 +300,18 @@ def test_default_precision_is_resolved_at_setup_and_recorded(native, tiny_model,
     run_training(load_config(None, args), progress=False)
     saved = yaml.safe_load((tmp_path / "o/config.yaml").read_text())  # the run's config, as it ran
     assert saved["train"]["precision"] == ("bf16_master" if native else "fp32")
+
+
+def test_memory_estimate_uses_the_precision_auto_gives_that_launch(tiny_model, monkeypatch):
+    """--estimate-memory --processes N: under DDP auto means bf16 (no bf16 weight copy), on one process bf16_master."""
+    import rewardforge.precision as prec
+    from rewardforge.train import estimate_for_config
+
+    monkeypatch.setattr(prec, "native_bf16", lambda device_type: True)
+    src = tiny_model("llama")
+    auto = load_config(None, [f"model.name_or_path={src}"])
+    explicit = {p: load_config(None, [f"model.name_or_path={src}", f"train.precision={p}"]) for p in ("bf16", "bf16_master")}
+    assert estimate_for_config(auto, 2)["weights_gib"] == pytest.approx(estimate_for_config(explicit["bf16"], 2)["weights_gib"])
+    assert estimate_for_config(auto, 1)["weights_gib"] == pytest.approx(estimate_for_config(explicit["bf16_master"], 1)["weights_gib"])
+    assert estimate_for_config(auto, 1)["weights_gib"] > estimate_for_config(auto, 2)["weights_gib"]
+    assert auto.train.precision == "auto"  # the caller's config is left as it was

@@ -15,7 +15,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -191,12 +191,16 @@ def estimate_for_config(cfg: Config, processes: int = 1) -> dict[str, float]:
     with empty_weights():
         model = spec.build_model(cfg, tokenizer)
     shards = processes if cfg.train.strategy == "fsdp" and processes > 1 else 1
+    # the precision that launch would train in (auto under DDP: bf16, not bf16_master's extra bf16 copy)
+    cfg = replace(cfg, train=replace(cfg.train, precision=effective_precision(cfg, processes)))
     return {"processes": processes, "strategy": cfg.train.strategy, **estimate_memory(model, cfg, cfg.data.max_length, shards=shards)}
 
 
-def effective_precision(cfg: Config) -> str:
-    """``train.precision`` for this machine and launch (``auto`` resolved; see :func:`resolve_precision`)."""
-    processes = int(os.environ.get("WORLD_SIZE", "1"))
+def effective_precision(cfg: Config, processes: int | None = None) -> str:
+    """``train.precision`` for this machine and a launch of ``processes`` (default: this launch's
+    ``WORLD_SIZE``), with ``auto`` resolved (see :func:`resolve_precision`)."""
+    if processes is None:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
     ddp = processes > 1 and cfg.train.strategy != "fsdp"
     return resolve_precision(cfg.train.precision, device_type="cuda" if torch.cuda.is_available() else "cpu", ddp=ddp)
 
