@@ -32,6 +32,14 @@ CHATML = (
 )
 
 
+LLAMA3 = (
+    "{{ '<|begin_of_text|>' }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+FAMILIES = ("bert", "gpt2", "llama", "llama3", "qwen2")  # tiny backbones with each real family's special tokens
+
+
 def make_tokenizer(kind: str):
     """A small fast tokenizer for ``kind``: 'bert' (WordPiece, [CLS]/[SEP]) or a byte-level BPE."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -63,6 +71,8 @@ def make_tokenizer(kind: str):
             tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
         )
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<s>"]
+    if kind == "llama3":
+        specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -72,6 +82,14 @@ def make_tokenizer(kind: str):
         bos = tok.token_to_id("<s>")
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="<|endoftext|>")
+    if kind == "llama3":  # adds <|begin_of_text|> and its template writes it too (the doubled-BOS trap); no pad
+        bos = tok.token_to_id("<|begin_of_text|>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+            special_tokens=[("<|begin_of_text|>", bos)])
+        t = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+        t.chat_template = LLAMA3
+        return t
     if kind == "qwen2":  # chat template, pad distinct from eos
         t = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
         t.chat_template = CHATML
@@ -86,7 +104,7 @@ def make_config(kind: str, vocab_size: int):
     if kind == "gpt2":
         return GPT2Config(vocab_size=vocab_size, n_positions=256, n_embd=32, n_layer=2, n_head=2,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    if kind == "llama":
+    if kind in ("llama", "llama3"):
         return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256)
     if kind == "qwen2":

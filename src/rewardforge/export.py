@@ -63,11 +63,16 @@ def write_model_dir(
     stats: dict[str, Any],
     base_model: str = "",
     save_adapter: bool = False,
+    single_reward: bool = True,
 ) -> Path:
     """Write the HF directory atomically: a reader never sees a half-written export.
 
     LoRA adapters are merged into the weights; ``save_adapter`` also writes the unmerged adapter
     (and the trained head) to ``adapter/`` for ``peft.PeftModel.from_pretrained(base, dir / "adapter")``.
+
+    The tokenizer is written self-sufficient (:func:`save_tokenizer`). A regression model (several
+    attributes) with ``single_reward`` also gets ``reward/``: the same model with the attribute weights
+    folded into a one-output head, for loaders that ask for ``num_labels=1`` (TRL, verl).
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -80,7 +85,7 @@ def write_model_dir(
             # peft saves the adapter weights and modules_to_save, i.e. the trained reward head
             model.model.save_pretrained(tmp / "adapter", safe_serialization=True)
         fault_point("export_write")
-        tokenizer.save_pretrained(tmp)
+        input_format = save_tokenizer(tokenizer, tmp, max_length, truncation)
         meta = {
             "format_version": FORMAT_VERSION,
             "rewardforge_version": __version__,
@@ -92,8 +97,11 @@ def write_model_dir(
             "truncation": truncation,
             "template": template,
             "base_model": base_model,
+            "input_format": input_format,
             **stats,
         }
+        if len(attributes) > 1 and single_reward:
+            meta["single_reward_dir"] = write_single_reward_model(hf, tmp, attribute_weights)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         old = None
         if out_dir.exists():
@@ -106,3 +114,100 @@ def write_model_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+PARITY_PROBES = (
+    [{"role": "user", "content": "How do I boil an egg?"}, {"role": "assistant", "content": "Put it in boiling water for nine minutes."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is gravity?"},
+     {"role": "assistant", "content": "It keeps planets in orbit."}, {"role": "user", "content": "And light?"},
+     {"role": "assistant", "content": "Photosynthesis makes sugar from light."}],
+)
+
+
+def save_tokenizer(tokenizer, out_dir: Path, max_length: int, truncation: str) -> dict[str, Any]:
+    """Save an export's tokenizer so that every reader gets the ids the model was trained on.
+
+    The chat template writes the special tokens the training tokenizer added ([CLS]/[SEP], BOS) and the saved
+    tokenizer adds none (:func:`rewardforge.data.inputs.make_self_sufficient`). Checked on probe conversations:
+    rewardforge's own path (training tokenizer), ``apply_chat_template(messages, tokenize=True)``,
+    ``tokenizer(text, add_special_tokens=False)`` and ``tokenizer(text)`` with the saved tokenizer. Where a
+    tokenizer cannot be changed that way it is saved as it is, and the returned record says why.
+
+    Returns: the input format record for ``rewardforge.json``.
+    """
+    import copy
+
+    from transformers import AutoTokenizer
+
+    from rewardforge.data.inputs import InputFormat, ModelInputs, finish_saved_tokenizer, make_self_sufficient
+
+    reference = ModelInputs(tokenizer, 1 << 30, truncation)
+    export_tok = copy.deepcopy(tokenizer)
+    done, reason = make_self_sufficient(export_tok) if getattr(tokenizer, "chat_template", None) else (False, "no template")
+    export_tok.save_pretrained(out_dir)
+    if done:
+        finish_saved_tokenizer(out_dir)
+    saved = AutoTokenizer.from_pretrained(out_dir)
+    fmt = InputFormat.of(saved)
+    mismatches = []
+    if done:
+        ours = ModelInputs(saved, 1 << 30, truncation)
+        for k, messages in enumerate(PARITY_PROBES):
+            t, s = reference.render_messages(list(messages))
+            want = [int(x) for x in reference.encode([t], [s])[0][0]]
+            text = saved.apply_chat_template(list(messages), tokenize=False)
+            t2, s2 = ours.render_messages(list(messages))
+            paths = {
+                "rewardforge": [int(x) for x in ours.encode([t2], [s2])[0][0]],
+                "apply_chat_template": list(_ids(saved.apply_chat_template(list(messages), tokenize=True))),
+                "tokenizer_no_special": saved(text, add_special_tokens=False)["input_ids"],
+                "tokenizer": saved(text)["input_ids"],
+            }
+            mismatches += [f"probe {k}: {name}" for name, got in paths.items() if list(got) != want]
+    if mismatches:
+        # the changed tokenizer does not reproduce training: keep the one training used
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+            (out_dir / f).unlink(missing_ok=True)
+        tokenizer.save_pretrained(out_dir)
+        fmt = InputFormat.of(AutoTokenizer.from_pretrained(out_dir))
+        done, reason = False, "the self-sufficient tokenizer gave other ids (" + "; ".join(mismatches) + ")"
+    record = fmt.as_dict()
+    record["self_sufficient"] = bool(done)
+    if not done:
+        record["why_not"] = reason
+    return record
+
+
+def _ids(out) -> list[int]:
+    """apply_chat_template(tokenize=True) returns ids, or a BatchEncoding in newer transformers."""
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    return [int(x) for x in out]
+
+
+@torch.no_grad()
+def write_single_reward_model(hf, out_dir: Path, weights: list[float]) -> str:
+    """Write ``out_dir/reward``: ``hf`` with its N-output head replaced by one output, ``w @ head`` (exact: the
+    head is linear), plus the tokenizer files. Returns the folder name."""
+    import copy
+
+    single = copy.deepcopy(hf)
+    head = single.score if hasattr(single, "score") else single.classifier
+    w = torch.as_tensor(weights, dtype=head.weight.dtype).reshape(1, -1)
+    new = torch.nn.Linear(head.in_features, 1, bias=head.bias is not None, dtype=head.weight.dtype)
+    new.weight.copy_(w @ head.weight)
+    if head.bias is not None:
+        new.bias.copy_(w @ head.bias)
+    if hasattr(single, "score"):
+        single.score = new
+    else:
+        single.classifier = new
+    single.config.num_labels = 1
+    single.config.id2label = {0: "reward"}
+    single.config.label2id = {"reward": 0}
+    sub = out_dir / "reward"
+    single.save_pretrained(sub, safe_serialization=True)
+    for f in out_dir.iterdir():
+        if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja", "vocab.txt")):
+            shutil.copy2(f, sub / f.name)
+    return "reward"

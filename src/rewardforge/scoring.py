@@ -17,9 +17,7 @@ import torch
 
 from rewardforge.data.batching import pad_sequences
 from rewardforge.data.formats import Conversation
-from rewardforge.data.readers import DataError
-from rewardforge.data.template import TextRenderer
-from rewardforge.data.tokenize import TruncationStats, tokenize_texts
+from rewardforge.data.inputs import ModelInputs
 from rewardforge.models import RewardModel, load_reward_model
 
 
@@ -33,7 +31,9 @@ class Scores:
         outputs: every model output ``[n, N]`` (one per attribute for regression models).
         num_tokens: tokens fed to the model per input ``[n]``.
         truncated: whether each input was truncated to ``max_length`` ``[n]``.
-        texts: the exact texts fed to the model (rendered with the template).
+        texts: the text the model read (rendered with the template; for truncated inputs only the part kept,
+            so ``tokenizer(text)`` gives the ids scored).
+        ids: the token ids the model read.
     """
 
     reward: np.ndarray
@@ -42,6 +42,7 @@ class Scores:
     num_tokens: np.ndarray
     truncated: np.ndarray
     texts: list[str]
+    ids: list[np.ndarray] | None = None
 
 
 class RewardScorer:
@@ -55,11 +56,13 @@ class RewardScorer:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be > 0, got {batch_size}")
         self.batch_size = batch_size
-        self.renderer = TextRenderer(tokenizer)
         self.attributes: list[str] = list(meta.get("attributes") or ["reward"])
         self.weights = np.asarray(meta.get("attribute_weights") or [1.0], np.float64)
         self.max_length: int = int(meta["max_length"])
         self.truncation: str = meta.get("truncation", "prompt_left")
+        # what the model reads: the one path from items to ids (rewardforge.data.inputs)
+        self.inputs = ModelInputs(tokenizer, self.max_length, self.truncation)
+        self.renderer = self.inputs.renderer
 
     # --------------------------------------------------------- rendering
 
@@ -69,15 +72,11 @@ class RewardScorer:
         ``prompt`` is a string (one user turn) or a list of messages; ``response`` a string (one
         assistant turn) or messages. Use :meth:`score_texts` for text that is already templated.
         """
-        p = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        r = [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
-        return self.renderer.render(p, r)
+        return self.inputs.render(prompt, response)
 
     def render_messages(self, messages: list[dict]) -> tuple[str, int]:
         """Render a whole conversation whose last message is the assistant response being scored."""
-        if not messages or messages[-1].get("role") != "assistant":
-            raise DataError("messages: the last message must be the assistant response to score")
-        return self.renderer.render(messages[:-1], messages[-1:])
+        return self.inputs.render_messages(messages)
 
     # --------------------------------------------------------- scoring
 
@@ -86,11 +85,18 @@ class RewardScorer:
         """Score exact texts. ``response_starts`` marks where each response begins (for truncation);
         by default the whole text counts as prompt, so truncation keeps its end."""
         texts = list(texts)
-        if response_starts is None:
-            response_starts = [len(t) for t in texts]
-        stats = TruncationStats()
-        ids, full = tokenize_texts(self.tokenizer, texts, list(response_starts), self.max_length, self.truncation, stats)
+        starts = [len(t) for t in texts] if response_starts is None else list(response_starts)
+        ids, full = self.inputs.encode(texts, starts)
+        return self.score_ids(ids, full, [self.inputs.read_text(t, s) if f > len(x) else t
+                                          for t, s, f, x in zip(texts, starts, full, ids)])
+
+    @torch.no_grad()
+    def score_ids(self, ids: Sequence[np.ndarray], full_lengths: Sequence[int] | None = None,
+                  texts: Sequence[str] | None = None) -> Scores:
+        """Score token ids exactly as given (already in the model's format and within max_length)."""
+        ids = list(ids)
         n = len(ids)
+        full = np.asarray([len(x) for x in ids] if full_lengths is None else full_lengths, np.int64)
         outputs = np.zeros((n, self.model.num_outputs), np.float32)
         order = np.argsort([-len(x) for x in ids], kind="stable")  # similar lengths together: little padding
         for s in range(0, n, self.batch_size):
@@ -101,7 +107,8 @@ class RewardScorer:
         reward = outputs[:, 0].astype(np.float64) if outputs.shape[1] == 1 else outputs.astype(np.float64) @ self.weights
         mean, std = float(self.meta.get("reward_mean", 0.0)), float(self.meta.get("reward_std", 1.0)) or 1.0
         num_tokens = np.array([len(x) for x in ids], np.int64)
-        return Scores(reward.astype(np.float32), ((reward - mean) / std).astype(np.float32), outputs, num_tokens, full > num_tokens, texts)
+        return Scores(reward.astype(np.float32), ((reward - mean) / std).astype(np.float32), outputs, num_tokens,
+                      full > num_tokens, list(texts) if texts is not None else [None] * n, ids)
 
     def score_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Rewards of already-templated texts."""

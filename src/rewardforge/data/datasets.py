@@ -21,10 +21,11 @@ import torch
 
 from rewardforge.data.formats import ParseReport, PreferencePair, RatedResponse, parse_rows
 from rewardforge.data.readers import DataError, expand_sources, fingerprint_sources, read_rows
+from rewardforge.data.inputs import InputFormat
 from rewardforge.data.template import TextRenderer
 from rewardforge.data.tokenize import TruncationStats, tokenize_texts
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: truncation keeps the template's end-of-turn suffix (InputFormat.ends)
 
 
 @dataclass
@@ -267,6 +268,7 @@ def build_dataset(
             yield from read_rows(f, split)
 
     renderer = TextRenderer(tokenizer)
+    ends = InputFormat.of(tokenizer).ends  # what truncation keeps: the same rule as scoring and serving
     stats = TruncationStats()
     examples = list(parse_rows(rows(), fmt, attributes=attributes, skip_bad_rows=skip_bad_rows, field_map=field_map, report=parse_report))
     want = PreferencePair if kind == "pairs" else RatedResponse
@@ -297,7 +299,7 @@ def build_dataset(
         # chosen and rejected side by side: a pair's shared prompt is tokenized once where that is exact
         texts, starts = [None] * (2 * len(texts_c)), [0] * (2 * len(texts_c))
         texts[0::2], texts[1::2], starts[0::2], starts[1::2] = texts_c, texts_r, starts_c, starts_r
-        ids, _ = tokenize_texts(tokenizer, texts, starts, max_length, truncation, stats)
+        ids, _ = tokenize_texts(tokenizer, texts, starts, max_length, truncation, stats, ends=ends)
         ids_c, ids_r = ids[0::2], ids[1::2]
         keep = []
         for i, (a, b) in enumerate(zip(ids_c, ids_r)):
@@ -314,7 +316,7 @@ def build_dataset(
             texts.append(t), starts.append(s), keys.append(_prompt_key(t[:s] if s else t))
             labels.append([np.nan if ex.labels[a] is None else ex.labels[a] for a in attributes])
             extras.append(_json_safe(ex.extra))
-        ids, _ = tokenize_texts(tokenizer, texts, starts, max_length, truncation, stats)
+        ids, _ = tokenize_texts(tokenizer, texts, starts, max_length, truncation, stats, ends=ends)
         ds = RatedDataset(ids, np.asarray(labels, np.float32).reshape(len(ids), len(attributes)), keys, extras, attributes)
 
     report.rows_read = parse_report.rows_read

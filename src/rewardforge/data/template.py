@@ -30,11 +30,16 @@ def setup_template(tokenizer, template: str) -> str:
     """Install the chosen template on the tokenizer and return its name ('tokenizer' or 'plain')."""
     if template not in TEMPLATES:
         raise DataError(f"data.template={template!r} is not valid; choose one of {', '.join(TEMPLATES)}")
-    has_own = bool(getattr(tokenizer, "chat_template", None)) and tokenizer.chat_template != PLAIN_TEMPLATE
+    from rewardforge.data.inputs import unwrap_template
+
+    wrap = unwrap_template(getattr(tokenizer, "chat_template", None))
+    base = wrap[0] if wrap is not None else getattr(tokenizer, "chat_template", None)
+    has_own = bool(base) and base != PLAIN_TEMPLATE
     if template == "tokenizer" and not has_own:
         raise DataError("data.template=tokenizer but the tokenizer has no chat template; use data.template=plain or auto")
     if template == "plain" or (template == "auto" and not has_own):
-        tokenizer.chat_template = PLAIN_TEMPLATE
+        if base != PLAIN_TEMPLATE:
+            tokenizer.chat_template = PLAIN_TEMPLATE
         return "plain"
     return "tokenizer"
 
@@ -108,23 +113,45 @@ class TextRenderer:
         self._strip_bos = tokenizer.bos_token if _adds_bos(tokenizer) else None
         self.fast = fast_paths_enabled() if fast is None else bool(fast)
 
-    def _finish(self, text: str) -> str:
+    def _wrapped(self):
+        """(base template, lead, trail) of an export's template (rewardforge.data.inputs.wrap_template), or None."""
+        from rewardforge.data.inputs import unwrap_template
+
+        template = getattr(self.tokenizer, "chat_template", None)
+        if template is not getattr(self, "_wrap_seen", None):
+            self._wrap_seen, self._wrap = template, unwrap_template(template)
+        return self._wrap
+
+    def _finish(self, text: str, generation_prompt: bool = False) -> str:
+        wrap = self._wrapped()
+        if wrap is not None:  # the export's template: its lead once, its trail after a whole conversation
+            _, lead, trail = wrap
+            if lead and text.startswith(lead):
+                text = text[len(lead):]
+            return lead + text + ("" if generation_prompt else trail)
         if self._strip_bos and text.startswith(self._strip_bos):
             text = text[len(self._strip_bos):]
         return text
 
     def _plain_ok(self) -> bool:
         # read on every call, as apply_chat_template reads it: the template may be changed after construction
-        return self.fast and getattr(self.tokenizer, "chat_template", None) == PLAIN_TEMPLATE
+        if not self.fast:
+            return False
+        wrap = self._wrapped()
+        template = wrap[0] if wrap is not None else getattr(self.tokenizer, "chat_template", None)
+        return template == PLAIN_TEMPLATE
 
     def _jinja(self, messages: list, generation_prompt: bool) -> str:
-        return self._finish(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt))
+        wrap = self._wrapped()
+        kwargs = {"chat_template": wrap[0]} if wrap is not None else {}
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt, **kwargs)
+        return self._finish(text, generation_prompt)
 
     def _chat(self, messages: list, generation_prompt: bool) -> str:
         if self._plain_ok():
             parts = _plain_parts(messages)
             if parts is not None:
-                return self._finish("\n\n".join(parts) + ("\n\nAssistant: " if generation_prompt else ""))
+                return self._finish("\n\n".join(parts) + ("\n\nAssistant: " if generation_prompt else ""), generation_prompt)
         return self._jinja(messages, generation_prompt)
 
     def render(self, prompt: Conversation, response: Conversation, where: str = "") -> tuple[str, int]:
@@ -168,7 +195,7 @@ class TextRenderer:
             if rp is not None:  # everything plain: join the parts (no Jinja at all)
                 body = "\n\n".join(pp)
                 full_c = self._finish(body + "\n\n" + "\n\n".join(cp))
-                head = self._finish(body + "\n\nAssistant: ")
+                head = self._finish(body + "\n\nAssistant: ", True)
                 full_r = self._finish(body + "\n\n" + "\n\n".join(rp))
             else:  # in the order render() would: chosen text, prompt head, rejected text
                 full_c = self._chat(list(prompt) + list(chosen), False)

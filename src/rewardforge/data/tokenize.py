@@ -7,7 +7,10 @@ Truncation (``data.truncation``):
 * ``response_right``: drop the response's last content tokens first, then the prompt's oldest.
 
 Special tokens the tokenizer adds at the start ([CLS], BOS) and at the end ([SEP], EOS) are
-always kept, so the token the reward is read at survives.
+always kept, and so are the template's own ends when the caller names them (``ends``: the special
+tokens written before the text, and the end-of-turn text after the response, e.g. ChatML's
+``<|im_end|>\n`` or Llama-3's ``<|eot_id|>``), so the token the reward is read at survives even
+when the response alone is longer than ``max_length``.
 
 Fast paths (on by default; ``fast=False`` or ``REWARDFORGE_FAST_PREPROCESS=0`` turns them off), each giving
 exactly the ids, lengths and truncation counts of the reference path (``tokenizer(...)`` with offsets on every
@@ -50,6 +53,25 @@ class TruncationStats:
         return dict(self.__dict__)
 
 
+def protect_ends(special: list[int], offsets, text_length: int, ends: tuple[int, int] | None) -> list[int]:
+    """``special`` with the tokens inside the protected ends marked too.
+
+    ``ends`` is (characters of the template's lead, characters of its tail) for this text: tokens ending within
+    the first ``lead`` characters and tokens starting in the last ``tail`` characters are kept like special tokens.
+    """
+    if not ends or not (ends[0] or ends[1]):
+        return special
+    lead, tail = ends
+    out = list(special)
+    tail_from = text_length - tail
+    for k, (a, b) in enumerate(offsets):
+        if out[k]:
+            continue
+        if (lead and b <= lead and b > 0) or (tail and a >= tail_from and b > a):
+            out[k] = 1
+    return out
+
+
 def truncate(
     ids: list[int],
     offsets: list[tuple[int, int]],
@@ -57,12 +79,34 @@ def truncate(
     response_start: int,
     max_length: int,
     mode: str,
+    ends: tuple[int, int] | None = None,
+    text_length: int = 0,
 ) -> tuple[list[int], bool, bool]:
     """Cut ``ids`` to ``max_length``; return (ids, prompt_was_cut, response_was_cut).
 
     ``response_start`` is the character where the response begins; content tokens that start
     before it ends are prompt tokens; a token that straddles the boundary belongs to the response.
+    ``ends`` (lead characters, tail characters of a text of ``text_length`` characters) are kept whole.
     """
+    return _cut(ids, protect_ends(special, offsets, text_length, ends), max_length, mode,
+                _split_finder(offsets, response_start))
+
+
+def kept_ranges(
+    ids: list[int], offsets, special: list[int], response_start: int, max_length: int, mode: str,
+    ends: tuple[int, int] | None = None, text_length: int = 0,
+) -> list[tuple[int, int]]:
+    """The token ranges ``[a, b)`` that :func:`truncate` keeps, in order (for the text the model read)."""
+    n = len(ids)
+    if n <= max_length:
+        return [(0, n)]
+    special = protect_ends(special, offsets, text_length, ends)
+    lead, trail = _special_ends(special)
+    _, p_start, split, r_end = _cut_plan(n, special, max_length, mode, _split_finder(offsets, response_start))
+    return [r for r in ((0, lead), (p_start, split), (split, r_end), (trail, n)) if r[1] > r[0]]
+
+
+def _split_finder(offsets, response_start: int):
 
     def split_at(lead: int, trail: int) -> int:
         split = lead
@@ -70,7 +114,7 @@ def truncate(
             split += 1
         return split
 
-    return _cut(ids, special, max_length, mode, split_at)
+    return split_at
 
 
 def _cut(ids: list[int], special: list[int], max_length: int, mode: str, split_at) -> tuple[list[int], bool, bool]:
@@ -80,6 +124,13 @@ def _cut(ids: list[int], special: list[int], max_length: int, mode: str, split_a
         return ids, False, False
     if not isinstance(ids, list):
         ids = list(ids)
+    (cut_prompt, cut_response), p_start, split, r_end = _cut_plan(n, special, max_length, mode, split_at)
+    lead, trail = _special_ends(special)
+    return ids[:lead] + ids[p_start:split] + ids[split:r_end] + ids[trail:], cut_prompt, cut_response
+
+
+def _cut_plan(n: int, special: list[int], max_length: int, mode: str, split_at):
+    """((prompt cut, response cut), first prompt token kept, first response token, one past the last response token kept)."""
     lead, trail = _special_ends(special)
     if (lead + n - trail) >= max_length:
         raise DataError(
@@ -106,7 +157,7 @@ def _cut(ids: list[int], special: list[int], max_length: int, mode: str, split_a
                 cut_response = True
     # max_length > number of special tokens, so the content left always covers the excess
     assert excess <= 0, "truncation arithmetic"
-    return ids[:lead] + ids[p_start:split] + ids[split:r_end] + ids[trail:], cut_prompt, cut_response
+    return (cut_prompt, cut_response), p_start, split, r_end
 
 
 def tokenize_texts(
@@ -118,11 +169,14 @@ def tokenize_texts(
     stats: TruncationStats,
     batch_size: int = 2048,
     fast: bool | None = None,
+    ends: tuple[str, str] | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray]:
     """Tokenize in batches with the fast tokenizer.
 
     Texts that share a prompt (``texts[i][:response_starts[i]]``) within a batch have it tokenized once
     where the split path applies, so pass a pair's chosen and rejected texts next to each other.
+    ``ends`` = (lead, tail) strings: a text that starts with ``lead`` or ends with ``tail`` keeps those
+    tokens when it is truncated (:class:`rewardforge.data.inputs.InputFormat.ends`).
 
     Returns:
         (int32 token arrays of at most ``max_length``, each text's length before truncation)
@@ -140,9 +194,9 @@ def tokenize_texts(
             if not backend.direct:
                 backend = None
         if backend is None:
-            arrays, lengths = _tokenize_reference(tokenizer, chunk, starts, max_length, mode, stats)
+            arrays, lengths = _tokenize_reference(tokenizer, chunk, starts, max_length, mode, stats, ends)
         else:
-            arrays, lengths = backend.tokenize(chunk, starts, max_length, mode, stats)
+            arrays, lengths = backend.tokenize(chunk, starts, max_length, mode, stats, ends)
         out += arrays
         full_lengths[start : start + len(lengths)] = lengths
     return out, full_lengths
@@ -154,7 +208,15 @@ def _count(stats: TruncationStats, ids: list[int], new: list[int], cp: bool, cr:
     stats.tokens_removed += len(ids) - len(new)
 
 
-def _tokenize_reference(tokenizer, texts, starts, max_length, mode, stats) -> tuple[list[np.ndarray], list[int]]:
+def text_ends(text: str, ends: tuple[str, str] | None) -> tuple[int, int] | None:
+    """(characters of ``ends[0]`` that ``text`` starts with, characters of ``ends[1]`` it ends with)."""
+    if not ends:
+        return None
+    lead, tail = ends
+    return (len(lead) if lead and text.startswith(lead) else 0, len(tail) if tail and text.endswith(tail) else 0)
+
+
+def _tokenize_reference(tokenizer, texts, starts, max_length, mode, stats, ends=None) -> tuple[list[np.ndarray], list[int]]:
     """The reference path: ``tokenizer(...)`` with offsets and special-token masks for every text."""
     enc = tokenizer(
         texts,
@@ -171,7 +233,8 @@ def _tokenize_reference(tokenizer, texts, starts, max_length, mode, stats) -> tu
         stats.sequences += 1
         lengths.append(len(ids))
         if len(ids) > max_length:
-            new, cp, cr = truncate(ids, enc["offset_mapping"][j], enc["special_tokens_mask"][j], starts[j], max_length, mode)
+            new, cp, cr = truncate(ids, enc["offset_mapping"][j], enc["special_tokens_mask"][j], starts[j], max_length, mode,
+                                   text_ends(texts[j], ends), len(texts[j]))
             _count(stats, ids, new, cp, cr)
             ids = new
         arrays.append(np.array(ids, dtype=np.int32))
@@ -324,7 +387,7 @@ class _Backend:
     def _splittable(text: str, start: int) -> bool:
         return 0 < start <= len(text) and text[start - 1] in _SPLIT_BOUNDARY
 
-    def tokenize(self, texts, starts, max_length, mode, stats) -> tuple[list[np.ndarray], list[int]]:
+    def tokenize(self, texts, starts, max_length, mode, stats, ends=None) -> tuple[list[np.ndarray], list[int]]:
         """(int32 arrays, lengths before truncation) of ``texts``, in order. The id lists become arrays at once:
         fewer live Python containers, fewer full garbage-collector passes over the heap."""
         self._prepare()
@@ -348,7 +411,15 @@ class _Backend:
                 n = len(ids)
                 stats.sequences += 1
                 if n > max_length:
-                    special = [1] * nl + encs[h].special_tokens_mask + resp.special_tokens_mask + [1] * len(trail)
+                    resp_special = resp.special_tokens_mask
+                    te = text_ends(texts[i], ends)
+                    if te and te[1]:  # the template's tail lies in the response piece (offsets relative to it)
+                        resp_special = protect_ends(resp_special, resp.offsets, len(texts[i]) - starts[i], (0, te[1]))
+                    if te and te[0]:
+                        head_special = protect_ends(encs[h].special_tokens_mask, encs[h].offsets, starts[i], (te[0], 0))
+                    else:
+                        head_special = encs[h].special_tokens_mask
+                    special = [1] * nl + head_special + resp_special + [1] * len(trail)
                     hint = nl + len(head_ids[h])
                     new, cp, cr = _cut(ids, special, max_length, mode, lambda lo, hi, hint=hint: min(max(hint, lo), hi))
                     _count(stats, ids, new, cp, cr)
@@ -361,7 +432,8 @@ class _Backend:
                 n = len(ids)
                 stats.sequences += 1
                 if n > max_length:
-                    new, cp, cr = truncate(ids, e.offsets, e.special_tokens_mask, starts[i], max_length, mode)
+                    new, cp, cr = truncate(ids, e.offsets, e.special_tokens_mask, starts[i], max_length, mode,
+                                           text_ends(texts[i], ends), len(texts[i]))
                     _count(stats, ids, new, cp, cr)
                     ids = new
                 arrays[i], lengths[i] = np.array(ids, dtype=np.int32), n
