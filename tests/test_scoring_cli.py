@@ -120,7 +120,10 @@ def test_return_text_reproduced_by_plain_transformers(exported, tmp_path, kind):
     tok = AutoTokenizer.from_pretrained(model_dir)
     runs = {bs: score(model_dir, ROWS, tmp_path, "--return-text", "--batch-size", str(bs), name=f"in{bs}.jsonl") for bs in (1, 2, 16)}
     texts = [r["text"] for r in runs[1]]
-    assert texts[3] == ROWS[3]["text"]  # text rows are used verbatim
+    lead, trail = {"bert": ("[CLS]", "[SEP]"), "llama": ("<s>", "")}.get(kind, ("", ""))
+    suffix = "<|im_end|>\n" if kind == "qwen2" else ""
+    # text rows are brought to the model's format: its special tokens written once, its end of turn completed
+    assert texts[3] == lead + ROWS[3]["text"] + suffix + trail
     with torch.no_grad():
         reference = [plain(**tok(t, return_tensors="pt")).logits[0, 0].item() for t in texts]
     for bs, recs in runs.items():
@@ -130,9 +133,12 @@ def test_return_text_reproduced_by_plain_transformers(exported, tmp_path, kind):
     assert meta["pooling"] == ("pooled" if kind == "bert" else "last_token") and meta["max_length"] == MAX_LENGTH
     if kind == "qwen2":  # its own chat template is used, not the plain one
         assert texts[0].startswith("<|im_start|>user\nHow do I boil an egg?<|im_end|>\n<|im_start|>assistant\n")
-    else:
-        assert texts[0] == "Human: How do I boil an egg?\n\nAssistant: Put it in boiling water for nine minutes."
-        assert texts[4] == "System: Be brief.\n\nHuman: Capital of France?\n\nAssistant: Paris."
+    else:  # the export's template writes the special tokens the training tokenizer added
+        assert texts[0] == lead + "Human: How do I boil an egg?\n\nAssistant: Put it in boiling water for nine minutes." + trail
+        assert texts[4] == lead + "System: Be brief.\n\nHuman: Capital of France?\n\nAssistant: Paris." + trail
+    # add_special_tokens=False readers (TRL, verl) and the chat template get the same ids
+    for t in texts:
+        assert tok(t, add_special_tokens=False)["input_ids"] == tok(t)["input_ids"]
 
 
 def test_regression_model_reports_attributes(tiny_model, tmp_path):

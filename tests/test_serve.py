@@ -133,19 +133,9 @@ def regression_server(regression_scorer):
     s.stop()
 
 
-def offline(scorer, items: list[dict]):
-    """The offline scorer's Scores for items of the native endpoint (text forms)."""
-    texts, starts = [], []
-    for it in items:
-        if "text" in it:
-            t, s = it["text"], len(it["text"])
-        elif "messages" in it:
-            t, s = scorer.render_messages(it["messages"])
-        else:
-            t, s = scorer.render(it["prompt"], it["response"])
-        texts.append(t)
-        starts.append(s)
-    return scorer.score_rendered(texts, starts)
+def offline(scorer, items: list[dict], normalize: bool = True):
+    """The offline scorer's Scores for items of the native endpoint."""
+    return scorer.score_items(items, normalize=normalize)
 
 
 class Gate:
@@ -218,13 +208,22 @@ def test_score_matches_offline_scorer_for_every_item_form(binary_server, binary_
         assert "attributes" not in res
     assert results[4]["truncated"] and results[4]["num_tokens"] == 32
     assert results[0]["reward_normalized"] == pytest.approx((results[0]["reward"] - 0.25) / 0.5, abs=1e-4)
-    # token ids are fed verbatim
+    # the text item had no BOS: normalisation gave it the one the model was trained with
+    assert results[3]["normalized"] == ["added_lead"] and results[3]["text"].startswith("<s>Human: hi")
+    # token ids: normalised by default (the lead BOS added), verbatim with "normalize": false
     import torch
 
+    bos = binary_scorer.tokenizer.bos_token_id
     with torch.no_grad():
-        want = binary_scorer.model(torch.tensor([[2, 10, 11, 12, 3]]), torch.ones(1, 5, dtype=torch.long))[0, 0].item()
-    assert results[5]["reward"] == pytest.approx(want, abs=1e-4)
-    assert results[5]["num_tokens"] == 5 and results[5]["text"] is None
+        verbatim = binary_scorer.model(torch.tensor([[2, 10, 11, 12, 3]]), torch.ones(1, 5, dtype=torch.long))[0, 0].item()
+        with_bos = binary_scorer.model(torch.tensor([[bos, 2, 10, 11, 12, 3]]), torch.ones(1, 6, dtype=torch.long))[0, 0].item()
+    assert results[5]["reward"] == pytest.approx(with_bos, abs=1e-4)
+    assert results[5]["num_tokens"] == 6 and results[5]["text"] is None and results[5]["normalized"] == ["added_lead"]
+    with httpx.Client(base_url=binary_server.url, timeout=30) as c:
+        r = c.post("/v1/score", json={"items": [{"input_ids": [2, 10, 11, 12, 3]}], "normalize": False,
+                                      "return_tokens": True})
+    res = r.json()["results"][0]
+    assert res["reward"] == pytest.approx(verbatim, abs=1e-4) and res["tokens"] == [2, 10, 11, 12, 3]
 
 
 def test_encoder_model_parity(encoder_dir):
@@ -298,7 +297,10 @@ def test_get_reward_openrlhf_protocol(binary_server, binary_scorer):
                    headers={"Content-Type": "application/json"})
         single = c.post("/get_reward", json={"query": texts[1]})
     assert r.status_code == 200, r.text
-    assert set(r.json()) == {"rewards"}
+    assert set(r.json()) == {"rewards", "scores", "extra_logs"}
+    assert r.json()["scores"] == r.json()["rewards"]
+    assert set(r.json()["extra_logs"]) == {"truncated", "num_tokens", "normalized"}
+    assert r.json()["extra_logs"]["normalized"][0] == 1.0  # the left padding was stripped
     np.testing.assert_allclose(r.json()["rewards"], binary_scorer.score_texts(texts), atol=1e-4)
     assert single.json()["rewards"] == pytest.approx([float(binary_scorer.score_texts([texts[1]])[0])], abs=1e-4)
 
@@ -320,7 +322,8 @@ def test_tritonclient_http_against_the_v2_protocol(binary_server, binary_scorer)
         meta = client.get_model_metadata("reward_model")
         assert meta["name"] == "reward_model"
         assert {"name": "sentences", "datatype": "BYTES", "shape": [-1, -1]} in meta["inputs"]
-        assert meta["outputs"] == [{"name": "rewards", "datatype": "FP32", "shape": [-1, 1]}]
+        assert meta["outputs"] == [{"name": "rewards", "datatype": "FP32", "shape": [-1, 1]},
+                                   {"name": "exceeded", "datatype": "INT32", "shape": [-1, 1]}]
         config = client.get_model_config("reward_model")
         assert config["max_batch_size"] > 0 and config["output"][0]["data_type"] == "TYPE_FP32"
         assert client.get_model_repository_index() == [{"name": "reward_model", "version": "1", "state": "READY"}]
@@ -437,7 +440,10 @@ def test_each_4xx_names_the_problem_and_the_server_keeps_serving(binary_scorer):
             check(c.post("/v1/score", json={"items": [{"messages": [{"role": "user", "content": "hi"}]}]}), 422, "assistant")
             check(c.post("/v1/score", json={"items": [{"text": "a"}] * 5}), 413, "max_items_per_request=4")
             check(c.post("/v1/score", json={"items": [{"text": "word " * 100}]}), 413, "max_item_tokens=40")
-            check(c.post("/v1/score", json={"items": [{"input_ids": [5] * 33}]}), 413, "max_length=32")
+            check(c.post("/v1/score", json={"items": [{"input_ids": [5] * 41}]}), 413, "max_item_tokens=40")
+            # token ids over max_length are truncated as text is (the lead kept, the oldest tokens cut)
+            over = c.post("/v1/score", json={"items": [{"input_ids": [5] * 33}], "return_tokens": True}).json()["results"][0]
+            assert over["truncated"] and over["num_tokens"] == 32 and over["tokens"][0] == binary_scorer.tokenizer.bos_token_id
             check(c.post("/v1/score", json={"items": [{"text": "x" * 5000}]}), 413, "max_body_bytes=4000")
 
             def chunks():  # no Content-Length: the limit is enforced while reading
@@ -446,7 +452,8 @@ def test_each_4xx_names_the_problem_and_the_server_keeps_serving(binary_scorer):
 
             check(c.post("/v1/score", content=chunks()), 413, "max_body_bytes")
             check(c.post("/get_reward", json={"query": [1, 2]}), 422, "query")
-            check(c.post("/get_reward", json={"query": []}), 422, "empty")
+            empty = c.post("/get_reward", json={"query": []})  # OpenRLHF's empty shard: answered, never refused
+            assert empty.status_code == 200 and empty.json()["rewards"] == [] and empty.json()["scores"] == []
             check(c.post("/get_reward", json={}), 422, "query")
             assert c.get("/v1/score").status_code == 405
             assert c.get("/nope").status_code == 404

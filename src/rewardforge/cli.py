@@ -100,24 +100,33 @@ def cmd_score(args: argparse.Namespace) -> int:
             rows = _read_score_input(fh, name)
     else:
         rows = _read_score_input(sys.stdin, name)
-    texts, starts = [], []
+    items, where = [], []
     for lineno, obj in rows:
         try:
             if "messages" in obj:
-                t, s = scorer.render_messages(obj["messages"])
+                if not isinstance(obj["messages"], list) or not all(isinstance(m, dict) for m in obj["messages"]):
+                    raise DataError("field 'messages' must be a list of {role, content} messages")
+                item = {"messages": obj["messages"]}
             elif "text" in obj:
                 if not isinstance(obj["text"], str):
                     raise DataError("field 'text' must be a string")
-                t, s = obj["text"], len(obj["text"])
+                item = {"text": obj["text"]}
+            elif "input_ids" in obj:
+                if not isinstance(obj["input_ids"], list) or not all(type(x) is int for x in obj["input_ids"]):
+                    raise DataError("field 'input_ids' must be a list of integers")
+                item = {"input_ids": obj["input_ids"]}
             else:
                 for k in ("prompt", "response"):
                     if not isinstance(obj[k], (str, list)):
                         raise DataError(f"field {k!r} must be a string or a list of messages")
-                t, s = scorer.render(obj["prompt"], obj["response"])
+                item = {"prompt": obj["prompt"], "response": obj["response"]}
         except (DataError, KeyError, TypeError, AttributeError) as e:
             raise DataError(f"{name}:{lineno}: {e}") from None
-        texts.append(t), starts.append(s)
-    scores = scorer.score_rendered(texts, starts)
+        items.append(item), where.append(f"{name}:{lineno}")
+    try:
+        scores = scorer.score_items(items, where=where)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{name}: {e}") from None
     out = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
     try:
         for i, (lineno, obj) in enumerate(rows):
@@ -126,8 +135,10 @@ def cmd_score(args: argparse.Namespace) -> int:
                 rec["attributes"] = {a: float(v) for a, v in zip(scorer.attributes, scores.outputs[i])}
             if scores.truncated[i]:
                 rec["truncated"] = True
-            if args.return_text:
+            if args.return_text and scores.texts[i] is not None:
                 rec["text"] = scores.texts[i]
+            if args.return_tokens:
+                rec["tokens"] = [int(x) for x in scores.ids[i]]
             out.write(json.dumps(rec, ensure_ascii=False) + "\n")
     finally:
         if args.output:
@@ -200,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("model_dir")
     s.add_argument("--input", help="JSONL file (default: stdin)")
     s.add_argument("--output", help="JSONL file (default: stdout)")
-    s.add_argument("--return-text", action="store_true", help="add the exact text fed to the model")
+    s.add_argument("--return-text", action="store_true",
+                   help="add the text the model read (only the kept part when truncated: tokenizer(text) gives the ids scored)")
+    s.add_argument("--return-tokens", action="store_true", help="add the exact token ids the model read")
     s.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per forward pass")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     s.set_defaults(func=cmd_score)

@@ -110,9 +110,18 @@ class RewardScorer:
         return Scores(reward.astype(np.float32), ((reward - mean) / std).astype(np.float32), outputs, num_tokens,
                       full > num_tokens, list(texts) if texts is not None else [None] * n, ids)
 
-    def score_texts(self, texts: Sequence[str]) -> np.ndarray:
-        """Rewards of already-templated texts."""
-        return self.score_rendered(texts).reward
+    def score_items(self, items: Sequence[dict[str, Any]], *, normalize: bool = True,
+                    where: Sequence[str] | None = None) -> Scores:
+        """Score items of every form the server takes (``{"prompt", "response"}``, ``{"messages"}``, ``{"text"}``,
+        ``{"input_ids"}``) through the same path as ``rewardforge serve`` (:class:`~rewardforge.data.inputs.ModelInputs`);
+        text and token ids are normalised to the model's input format unless ``normalize=False``."""
+        p = self.inputs.prepare(list(items), normalize=normalize, where=where)
+        texts = [self.inputs.read_text(t, s) if (t is not None and tr) else t for t, s, tr in zip(p.texts, p.starts, p.truncated)]
+        return self.score_ids(p.seqs, p.full_lengths, texts)
+
+    def score_texts(self, texts: Sequence[str], *, normalize: bool = True) -> np.ndarray:
+        """Rewards of texts already in the model's format (with or without its special tokens: normalised)."""
+        return self.score_items([{"text": t} for t in texts], normalize=normalize).reward
 
     def score_detailed(self, prompts: Sequence[Conversation], responses: Sequence[Conversation]) -> Scores:
         if len(prompts) != len(responses):

@@ -365,6 +365,7 @@ class Prepared:
     texts: list[str | None]  # the text each item became before truncation (None for token ids)
     starts: list[int]
     normalized: list[list[str]] = field(default_factory=list)  # per item, what normalisation did
+    full_lengths: np.ndarray | None = None  # tokens before truncation
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(NORMALIZATIONS, 0)
@@ -399,10 +400,10 @@ class ModelInputs:
         r = [{"role": "assistant", "content": response}] if isinstance(response, str) else list(response)
         return self.renderer.render(p, r, where)
 
-    def render_messages(self, messages: list[dict], where: str = "messages") -> tuple[str, int]:
+    def render_messages(self, messages: list[dict], where: str = "") -> tuple[str, int]:
         """A whole conversation whose last message is the assistant response scored."""
         if not messages or not isinstance(messages[-1], dict) or messages[-1].get("role") != "assistant":
-            raise DataError(f"{where}: the last message must be the assistant response to score")
+            raise DataError(f"{where + ': ' if where else ''}messages: the last message must be the assistant response to score")
         return self.renderer.render(list(messages[:-1]), list(messages[-1:]), where)
 
     # ------------------------------------------------------------ normalisation
@@ -589,12 +590,12 @@ class ModelInputs:
     # ------------------------------------------------------------ items
 
     def prepare(self, items: list[dict[str, Any]], field_name: str = "items", *, normalize: bool = True,
-                check_ids=None) -> Prepared:
+                check_ids=None, where: Sequence[str] | None = None) -> Prepared:
         """Model inputs of items, each one of ``{"prompt", "response"}``, ``{"messages"}``, ``{"text"}`` (optionally
         with ``"prompt"`` for an OpenRLHF query), ``{"input_ids"}``.
 
         ``check_ids(ids, where)`` validates token ids (vocabulary range) before they are used.
-        Raises DataError naming the item for an item that cannot be rendered.
+        Raises DataError naming the item (``where[i]``, default ``field_name[i]``) for an item that cannot be rendered.
         """
         n = len(items)
         seqs: list[np.ndarray | None] = [None] * n
@@ -603,15 +604,18 @@ class ModelInputs:
         texts: list[str | None] = [None] * n
         starts = [0] * n
         acts: list[list[str]] = [[] for _ in range(n)]
+        full_lengths = np.zeros(n, np.int64)
         text_idx: list[int] = []
+        labels = list(where) if where is not None else [f"{field_name}[{i}]" for i in range(n)]
         for i, item in enumerate(items):
-            where = f"{field_name}[{i}]"
+            where_i = labels[i]
             if "input_ids" in item:
-                arr = check_ids(item["input_ids"], f"{where}.input_ids") if check_ids else np.asarray(item["input_ids"], np.int64)
+                arr = check_ids(item["input_ids"], f"{where_i}.input_ids") if check_ids else np.asarray(item["input_ids"], np.int64)
                 if normalize:
                     arr, acts[i] = self.normalize_ids(arr, item.get("pad_ids", ()))
                 if len(arr) == 0:
-                    raise DataError(f"{where}: no tokens are left after removing padding; send some tokens")
+                    raise DataError(f"{where_i}: no tokens are left after removing padding; send some tokens")
+                full_lengths[i] = len(arr)
                 arr, truncated[i] = self.truncate_ids(arr)
                 seqs[i] = arr.astype(np.int32)
                 num_tokens[i] = len(arr)
@@ -624,17 +628,18 @@ class ModelInputs:
                 else:
                     t, s = item["text"], len(item["text"])
             elif "messages" in item:
-                t, s = self.render_messages(item["messages"], where)
+                t, s = self.render_messages(item["messages"], where_i)
             else:
-                t, s = self.render(item["prompt"], item["response"], where)
+                t, s = self.render(item["prompt"], item["response"], where_i)
             texts[i], starts[i] = t, s
             text_idx.append(i)
         if text_idx:
             ids, full = self.encode([texts[i] for i in text_idx], [starts[i] for i in text_idx])
             for k, i in enumerate(text_idx):
                 if len(ids[k]) == 0:
-                    raise DataError(f"{field_name}[{i}]: the text has no tokens; send some text")
+                    raise DataError(f"{labels[i]}: the text has no tokens; send some text")
                 seqs[i] = ids[k]
                 num_tokens[i] = len(ids[k])
                 truncated[i] = full[k] > len(ids[k])
-        return Prepared(seqs, num_tokens, truncated, texts, starts, acts)  # type: ignore[arg-type]
+                full_lengths[i] = full[k]
+        return Prepared(seqs, num_tokens, truncated, texts, starts, acts, full_lengths)  # type: ignore[arg-type]

@@ -78,7 +78,12 @@ class ScoreItem(BaseModel):
 class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     items: list[ScoreItem] = Field(description="the items to score; results come back in this order")
-    return_text: bool = Field(False, description="add the exact text fed to the model to each result")
+    return_text: bool = Field(False, description="add the text the model read to each result (the kept part when "
+                              "truncated: tokenizer(text) gives the ids scored)")
+    return_tokens: bool = Field(False, description="add the exact token ids the model read to each result")
+    normalize: Optional[bool] = Field(None, description="normalise text and token-id items to the model's input format "
+                                      "(padding, doubled BOS, trailing EOS, end-of-turn suffix); default: the server's "
+                                      "--normalize-inputs")
 
 
 class ScoreResult(BaseModel):
@@ -87,7 +92,9 @@ class ScoreResult(BaseModel):
     num_tokens: int = Field(description="tokens fed to the model")
     truncated: bool = Field(description="whether the input was truncated to the model's max_length")
     attributes: Optional[dict[str, float]] = Field(None, description="regression models: every attribute by name")
-    text: Optional[str] = Field(None, description="the exact text fed to the model (with return_text)")
+    text: Optional[str] = Field(None, description="the text the model read (with return_text)")
+    tokens: Optional[list[int]] = Field(None, description="the token ids the model read (with return_tokens)")
+    normalized: Optional[list[str]] = Field(None, description="what normalisation changed in this item, if anything")
 
 
 class ScoreResponse(BaseModel):
@@ -96,14 +103,24 @@ class ScoreResponse(BaseModel):
 
 
 class GetRewardRequest(BaseModel):
-    """OpenRLHF's remote reward model request; its other keys (prompts, labels) are ignored."""
+    """OpenRLHF's remote reward model request (``--remote_rm_url`` / ``--reward.remote_url``)."""
 
     model_config = ConfigDict(extra="allow")
-    query: Union[StrictStr, list[StrictStr]] = Field(description="full sequences (prompt + response), already templated")
+    query: Union[StrictStr, list[StrictStr]] = Field(
+        description="full sequences (prompt + response) as the policy decoded them, special tokens and padding included")
+    prompts: Optional[list[StrictStr]] = Field(
+        None, description="each query's prompt: the response is the query after it (with --policy-tokenizer the "
+        "query is parsed into messages and rendered with the reward model's template)")
+    labels: Optional[list[Any]] = Field(None, description="OpenRLHF's labels; not used by a reward model")
+    normalize: Optional[bool] = Field(None, description="default: the server's --normalize-inputs")
 
 
 class GetRewardResponse(BaseModel):
-    rewards: list[float]
+    rewards: list[float] = Field(description="one reward per query (raw or normalized per --compat-reward)")
+    scores: list[float] = Field(description="the same rewards (OpenRLHF reads 'scores' for dynamic filtering)")
+    extra_logs: dict[str, list[float]] = Field(
+        description="per query: truncated (0/1), num_tokens, normalized (0/1: the input was changed), and each "
+        "attribute of a regression model")
 
 
 # ---------------------------------------------------------------- middleware
@@ -409,6 +426,13 @@ def create_app(scorer, serve_config: ServeConfig | None = None, *, metrics: Serv
     service = ScoringService(scorer, cfg, batcher)
     metrics.bind(lambda: batcher.queue_depth, lambda: batcher.inflight)
 
+    def count_normalized(counts: dict[str, int]) -> None:
+        for action, n in counts.items():
+            if n:
+                metrics.normalized.inc(n, action)
+
+    service.on_normalized = count_normalized
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
@@ -478,7 +502,7 @@ def create_app(scorer, serve_config: ServeConfig | None = None, *, metrics: Serv
     async def _score(request: Request, ticket) -> JSONResponse:
         req: ScoreRequest = await parse_body(request, ScoreRequest)
         service.check_count(len(req.items), "items")
-        prepared = await service.prepare([_item_dict(it) for it in req.items], "items")
+        prepared = await service.prepare([_item_dict(it) for it in req.items], "items", req.normalize)
         s = await unless_disconnected(request.receive, service.score(prepared, ticket))
         multi = len(service.attributes) > 1
         results = []
@@ -490,7 +514,11 @@ def create_app(scorer, serve_config: ServeConfig | None = None, *, metrics: Serv
             if multi:
                 r["attributes"] = {a: float(v) for a, v in zip(service.attributes, s.outputs[i])}
             if req.return_text:
-                r["text"] = prepared.texts[i]
+                r["text"] = service.read_text(prepared, i)
+            if req.return_tokens:
+                r["tokens"] = [int(x) for x in prepared.seqs[i]]
+            if prepared.normalized and prepared.normalized[i]:
+                r["normalized"] = prepared.normalized[i]
             results.append(r)
         return JSONResponse({"model": cfg.model_name, "results": results})
 
@@ -502,12 +530,28 @@ def create_app(scorer, serve_config: ServeConfig | None = None, *, metrics: Serv
         try:
             req: GetRewardRequest = await parse_body(request, GetRewardRequest)
             queries = [req.query] if isinstance(req.query, str) else req.query
-            service.check_count(len(queries), "query")
-            prepared = await service.prepare([{"text": service.strip_padding(q)} for q in queries], "query")
+            prompts = req.prompts
+            if prompts is not None and len(prompts) != len(queries):
+                raise ServeError(422, f"prompts has {len(prompts)} entries but query has {len(queries)}; send one "
+                                 "prompt per query (or no prompts)")
+            if queries:  # OpenRLHF shards its list over several servers: an empty shard is answered, not refused
+                service.check_count(len(queries), "query")
+            items = [{"text": q} if prompts is None else {"text": q, "prompt": p}
+                     for q, p in zip(queries, prompts or [None] * len(queries))]
+            prepared = await service.prepare(items, "query", req.normalize)
             s = await unless_disconnected(request.receive, service.score(prepared, ticket))
         finally:
             batcher.withdraw(ticket)
-        return JSONResponse({"rewards": [float(x) for x in service.compat(s)]})
+        rewards = [float(x) for x in service.compat(s)]
+        extra: dict[str, list[float]] = {
+            "truncated": [float(x) for x in prepared.truncated],
+            "num_tokens": [float(x) for x in prepared.num_tokens],
+            "normalized": [float(bool(a)) for a in prepared.normalized],
+        }
+        if len(service.attributes) > 1:
+            for j, name in enumerate(service.attributes):
+                extra[name] = [float(v) for v in s.outputs[:, j]]
+        return JSONResponse({"rewards": rewards, "scores": rewards, "extra_logs": extra})
 
     triton.add_routes(app, service)
 

@@ -15,6 +15,7 @@ from typing import Any
 API_KEY_ENV = "REWARDFORGE_API_KEY"
 COMPAT_REWARDS = ("raw", "normalized")
 DTYPES = ("fp32", "bf16", "fp16")
+V2_REWARDS = ("combined", "per_attribute")
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -59,6 +60,22 @@ class ServeConfig:
         "which reward /get_reward and the v2 'rewards' output return: raw, or normalized with the exported mean/std",
         choices=COMPAT_REWARDS,
     )
+    normalize_inputs: bool = _opt(
+        True, "bring text and token ids from RL trainers to the model's input format before scoring: strip padding "
+        "(either side, the model's or the policy's pad), a doubled BOS/[CLS] and trailing EOS the model never saw, "
+        "add a missing BOS/[CLS] and complete the template's end-of-turn suffix; each change is counted in /metrics "
+        "(rewardforge_normalized_total) and reported per item. A request's \"normalize\": false turns it off for "
+        "that request; --no-normalize-inputs for the server"
+    )
+    policy_tokenizer: str | None = _opt(
+        None, "the policy's tokenizer directory: /get_reward queries in the policy's chat format are parsed into "
+        "messages and rendered with the reward model's own template (default: none; queries are normalised as text)"
+    )
+    v2_rewards: str = _opt(
+        "combined", "the v2 'rewards' output of a regression model: combined ([B, 1], the weighted reward) or "
+        "per_attribute ([B, N], one column per attribute, as NeMo-Aligner's SteerLM annotation reads it)",
+        choices=V2_REWARDS,
+    )
     max_connections: int = _opt(
         1024, "most open client connections; while more are open, requests get uvicorn's plain-text 503 (and the "
         "connection is closed) until some close. Keep it above the clients' total connection pool"
@@ -100,6 +117,8 @@ class ServeConfig:
             )
         if self.compat_reward not in COMPAT_REWARDS:
             raise ValueError(f"compat_reward must be one of {', '.join(COMPAT_REWARDS)}, got {self.compat_reward!r}")
+        if self.v2_rewards not in V2_REWARDS:
+            raise ValueError(f"v2_rewards must be one of {', '.join(V2_REWARDS)}, got {self.v2_rewards!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.threads is not None and self.threads < 1:
@@ -151,6 +170,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         if kind is None and f.name == "max_padding":
             kind = float
         text = f.metadata["help"]
+        if isinstance(default, bool):
+            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=default, help=text,
+                                dest=f.name)
+            continue
         if "default:" not in text:
             text += f" (default: {default})"
         kw: dict[str, Any] = {"default": default, "help": text, "dest": f.name}

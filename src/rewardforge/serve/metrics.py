@@ -152,6 +152,9 @@ class ServeMetrics:
         )
         self.items = Counter(r, "rewardforge_items_total", "Sequences scored.")
         self.rejected = Counter(r, "rewardforge_rejected_total", "Requests rejected before scoring, by reason.", ("reason",))
+        self.normalized = Counter(
+            r, "rewardforge_normalized_total", "Items changed by input normalisation (--normalize-inputs), by action: "
+            "stripped_padding, stripped_duplicate_lead, added_lead, stripped_eos, added_suffix, rerendered.", ("action",))
         self.batches = Counter(r, "rewardforge_batches_total", "Forward passes run by the model.")
         self.batch_size = Histogram(r, "rewardforge_batch_size", "Sequences per forward pass.", SIZE_BUCKETS)
         self.batch_tokens = Histogram(r, "rewardforge_batch_padded_tokens", "Padded tokens per forward pass.", TOKEN_BUCKETS)

@@ -14,7 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rewardforge.data.tokenize import TruncationStats, tokenize_texts
+from rewardforge.data.inputs import ChatFormat, ModelInputs, Prepared
+from rewardforge.data.readers import DataError
 from rewardforge.serve.batcher import DynamicBatcher
 from rewardforge.serve.config import ServeConfig
 
@@ -61,16 +62,6 @@ async def unless_disconnected(receive, aw):
 
 
 @dataclass
-class Prepared:
-    """Token sequences ready for the batcher, in item order."""
-
-    seqs: list[np.ndarray]
-    num_tokens: np.ndarray
-    truncated: np.ndarray
-    texts: list[str | None]
-
-
-@dataclass
 class Scored:
     reward: np.ndarray  # raw combined reward [n]
     normalized: np.ndarray  # (reward - mean) / std [n]
@@ -91,6 +82,11 @@ class ScoringService:
         self.max_length = int(scorer.max_length)
         self.vocab_size = int(scorer.model.hf.get_input_embeddings().num_embeddings)
         self.pad_token: str | None = self.tokenizer.pad_token
+        self.inputs: ModelInputs = scorer.inputs
+        if config.policy_tokenizer:
+            self.inputs = ModelInputs(self.tokenizer, scorer.max_length, scorer.truncation,
+                                      policy=ChatFormat.learn(_load_tokenizer(config.policy_tokenizer)))
+        self.on_normalized = lambda counts: None  # set by the app: counts go to /metrics
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rewardforge-tokenize")
 
     def close(self) -> None:
@@ -116,25 +112,8 @@ class ScoringService:
 
     # ------------------------------------------------------------ preparation
 
-    def render(self, item: dict[str, Any]) -> tuple[str, int]:
-        """(text, response_start) of a prompt/response, messages or text item, with the core renderer."""
-        if "text" in item:
-            return item["text"], len(item["text"])
-        if "messages" in item:
-            return self.scorer.render_messages(item["messages"])
-        return self.scorer.render(item["prompt"], item["response"])
-
-    def _tokenize(self, texts: list[str], starts: list[int], where: Sequence[str]) -> tuple[list[np.ndarray], np.ndarray]:
-        ids, full = tokenize_texts(
-            self.tokenizer, texts, starts, self.max_length, self.scorer.truncation, TruncationStats()
-        )
-        for k, n in enumerate(full):
-            if n > self.config.max_item_tokens:
-                raise self._too_long(where[k], int(n))
-        return ids, full
-
     def check_ids(self, ids: Sequence[int] | np.ndarray, where: str) -> np.ndarray:
-        """Token ids fed to the model as given (no special tokens added); they must fit max_length."""
+        """Token ids of the model's vocabulary; at most max_item_tokens (longer than max_length: truncated)."""
         try:
             arr = np.asarray(ids, dtype=np.int64)
         except (OverflowError, ValueError, TypeError):
@@ -143,49 +122,29 @@ class ScoringService:
             raise ServeError(422, f"{where}: token ids must be a non-empty list of integers")
         if arr.size > self.config.max_item_tokens:
             raise self._too_long(where, int(arr.size))
-        if arr.size > self.max_length:
-            raise ServeError(
-                413, f"{where} has {arr.size} token ids; the model reads at most max_length={self.max_length} "
-                "(token ids are not truncated; send text to have it truncated)", reason="too_many_tokens",
-            )
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi >= self.vocab_size:
             bad = lo if lo < 0 else hi
             raise ServeError(422, f"{where}: token id {bad} is outside the model's vocabulary [0, {self.vocab_size})")
-        return arr.astype(np.int32)
+        return arr
 
-    def _prepare_sync(self, items: list[dict[str, Any]], field: str) -> Prepared:
-        n = len(items)
-        seqs: list[np.ndarray | None] = [None] * n
-        num_tokens = np.zeros(n, np.int64)
-        truncated = np.zeros(n, bool)
-        texts: list[str | None] = [None] * n
-        text_idx: list[int] = []
-        starts: list[int] = []
-        for i, item in enumerate(items):
-            if "input_ids" in item:
-                seqs[i] = self.check_ids(item["input_ids"], f"{field}[{i}].input_ids")
-                num_tokens[i] = len(seqs[i])
-                continue
-            try:
-                t, s = self.render(item)
-            except Exception as e:  # DataError, template errors
-                raise ServeError(422, f"{field}[{i}]: {e}") from None
-            texts[i] = t
-            text_idx.append(i)
-            starts.append(s)
-        if text_idx:
-            ids, full = self._tokenize([texts[i] for i in text_idx], starts, [f"{field}[{i}]" for i in text_idx])
-            for k, i in enumerate(text_idx):
-                if len(ids[k]) == 0:
-                    raise ServeError(422, f"{field}[{i}]: the text has no tokens; send some text")
-                seqs[i] = ids[k]
-                num_tokens[i] = len(ids[k])
-                truncated[i] = full[k] > len(ids[k])
-        return Prepared(seqs, num_tokens, truncated, texts)  # type: ignore[arg-type]
+    def _prepare_sync(self, items: list[dict[str, Any]], field: str, normalize: bool) -> Prepared:
+        try:
+            prepared = self.inputs.prepare(items, field, normalize=normalize, check_ids=self.check_ids)
+        except DataError as e:
+            raise ServeError(422, str(e)) from None
+        for i, n in enumerate(prepared.full_lengths):
+            if n > self.config.max_item_tokens:
+                raise self._too_long(f"{field}[{i}]", int(n))
+        self.on_normalized(prepared.counts())
+        return prepared
 
-    async def prepare(self, items: list[dict[str, Any]], field: str = "items") -> Prepared:
-        """Render and tokenize on the event loop, or on a helper thread when the request is large."""
+    async def prepare(self, items: list[dict[str, Any]], field: str = "items", normalize: bool | None = None) -> Prepared:
+        """Items -> model inputs (:meth:`rewardforge.data.inputs.ModelInputs.prepare`), on the event loop or on a
+        helper thread when the request is large. ``normalize``: None = the server's --normalize-inputs."""
+        normalize = self.config.normalize_inputs if normalize is None else bool(normalize)
+        if not items:
+            return Prepared([], np.zeros(0, np.int64), np.zeros(0, bool), [], [], [], np.zeros(0, np.int64))
         self.check_count(len(items), field)
         chars = 0
         for item in items:
@@ -196,8 +155,8 @@ class ScoringService:
                 elif isinstance(v, list):
                     chars += sum(len(m.get("content") or "") if isinstance(m, dict) else 0 for m in v)
         if chars <= INLINE_TOKENIZE_CHARS:
-            return self._prepare_sync(items, field)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._prepare_sync, items, field)
+            return self._prepare_sync(items, field, normalize)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._prepare_sync, items, field, normalize)
 
     # ------------------------------------------------------------ scoring
 
@@ -207,6 +166,9 @@ class ScoringService:
         return reward.astype(np.float32), ((reward - self.mean) / self.std).astype(np.float32)
 
     async def score(self, prepared: Prepared, ticket=None) -> Scored:
+        if not prepared.seqs:
+            empty = np.zeros(0, np.float32)
+            return Scored(empty, empty, np.zeros((0, self.scorer.model.num_outputs), np.float32), prepared)
         outputs = await self.batcher.submit(prepared.seqs, ticket)
         reward, normalized = self.combine(outputs)
         return Scored(reward, normalized, outputs, prepared)
@@ -215,13 +177,18 @@ class ScoringService:
         """The single reward the OpenRLHF and Triton endpoints return (``compat_reward``)."""
         return scored.normalized if self.config.compat_reward == "normalized" else scored.reward
 
-    def strip_padding(self, text: str) -> str:
-        """Remove whole pad tokens repeated at either end (OpenRLHF sends left-padded decoded sequences)."""
-        pad = self.pad_token
-        if not pad:
-            return text
-        while text.startswith(pad):
-            text = text[len(pad):]
-        while text.endswith(pad):
-            text = text[: -len(pad)]
-        return text
+    def read_text(self, prepared: Prepared, i: int) -> str | None:
+        """The text item ``i`` became and the model read (only the kept part when it was truncated)."""
+        t = prepared.texts[i]
+        if t is None or not prepared.truncated[i]:
+            return t
+        return self.inputs.read_text(t, prepared.starts[i])
+
+
+def _load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"policy_tokenizer={path!r} cannot be loaded ({e}); give the policy's tokenizer directory") from None

@@ -6,9 +6,12 @@ infer with NeMo-Aligner's tensor names:
 
 * input ``sentences`` (BYTES ``[B]`` or ``[B, 1]``): texts already in the model's format; or
 * inputs ``tokens`` (INT ``[B, L]``) and ``sequence_lengths`` (INT ``[B]`` or ``[B, 1]``): token ids
-  of the model's own tokenizer, right-padded, used verbatim;
-* output ``rewards`` (FP32 ``[B, 1]``): raw or normalized per ``--compat-reward``; regression models
-  also have ``attributes`` (FP32 ``[B, A]``, in ``rewardforge.json`` order).
+  of the model's own tokenizer, right-padded (NeMo-Aligner: prompt + response + end token); normalised
+  (``--normalize-inputs``, or the request parameter ``normalize``) and truncated to max_length as text is;
+* outputs ``rewards`` (FP32 ``[B, 1]``: raw or normalized per ``--compat-reward``; with
+  ``--v2-rewards per_attribute`` a regression model's ``[B, A]``, one column per attribute, as SteerLM's
+  annotation reads it), ``exceeded`` (INT32 ``[B, 1]``: 1 where the input was truncated to max_length);
+  regression models also have ``attributes`` (FP32 ``[B, A]``, in ``rewardforge.json`` order).
 
 Tensors may be JSON (``"data"``) or use the binary tensor extension: the body is the JSON header
 (``Inference-Header-Content-Length`` bytes) followed by each binary input in order, BYTES elements
@@ -160,7 +163,10 @@ def add_routes(app: FastAPI, service: ScoringService) -> None:
     batcher = service.batcher
     attrs = service.attributes
     multi = len(attrs) > 1
-    outputs_meta = [{"name": "rewards", "datatype": "FP32", "shape": [-1, 1]}]
+    per_attribute = multi and cfg.v2_rewards == "per_attribute"
+    width = len(attrs) if per_attribute else 1
+    outputs_meta = [{"name": "rewards", "datatype": "FP32", "shape": [-1, width]},
+                    {"name": "exceeded", "datatype": "INT32", "shape": [-1, 1]}]
     if multi:
         outputs_meta.append({"name": "attributes", "datatype": "FP32", "shape": [-1, len(attrs)]})
     inputs_meta = [
@@ -208,7 +214,8 @@ def add_routes(app: FastAPI, service: ScoringService) -> None:
     async def model_config(name: str, version: Optional[str] = None):
         check_model(name, version)
         kind = "KIND_GPU" if str(service.scorer.device).startswith("cuda") else "KIND_CPU"
-        output = [{"name": "rewards", "data_type": "TYPE_FP32", "dims": [1]}]
+        output = [{"name": "rewards", "data_type": "TYPE_FP32", "dims": [width]},
+                  {"name": "exceeded", "data_type": "TYPE_INT32", "dims": [1]}]
         if multi:
             output.append({"name": "attributes", "data_type": "TYPE_FP32", "dims": [len(attrs)]})
         return {
@@ -269,6 +276,12 @@ def add_routes(app: FastAPI, service: ScoringService) -> None:
         if offset != len(binary):
             raise _bad(f"{len(binary) - offset} binary bytes after the last input are not claimed by any input")
 
+        params = head.get("parameters") or {}
+        if not isinstance(params, dict):
+            raise _bad("'parameters' must be an object")
+        normalize = params.get("normalize")
+        if normalize is not None and not isinstance(normalize, bool):
+            raise _bad("parameter 'normalize' must be true or false")
         if "sentences" in tensors:
             if "tokens" in tensors:
                 raise _bad("give either 'sentences' or 'tokens' (+ 'sequence_lengths'), not both")
@@ -279,7 +292,7 @@ def add_routes(app: FastAPI, service: ScoringService) -> None:
                 texts = [v.decode("utf-8") for v in values]
             except UnicodeDecodeError:
                 raise _bad("input 'sentences': elements must be UTF-8 text") from None
-            prepared = await service.prepare([{"text": t} for t in texts], "sentences")
+            prepared = await service.prepare([{"text": t} for t in texts], "sentences", normalize)
         elif "tokens" in tensors:
             tokens, shape = tensors["tokens"]
             if tokens.ndim != 2:
@@ -296,14 +309,11 @@ def add_routes(app: FastAPI, service: ScoringService) -> None:
             if (lengths < 1).any() or (lengths > width).any():
                 raise _bad(f"each sequence_length must be in 1..{width} (the width of 'tokens')")
             items = [{"input_ids": tokens[i, : int(lengths[i])]} for i in range(b)]
-            prepared = await service.prepare(items, "tokens")
+            prepared = await service.prepare(items, "tokens", normalize)
         else:
             raise _bad("missing input: give 'sentences' (BYTES) or 'tokens' + 'sequence_lengths'")
 
-        output_names = ["rewards", "attributes"] if multi else ["rewards"]
-        params = head.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise _bad("'parameters' must be an object")
+        output_names = ["rewards", "exceeded", "attributes"] if multi else ["rewards", "exceeded"]
         requested = head.get("outputs")
         if requested is None:
             wanted = [(k, bool(params.get("binary_data_output", False))) for k in output_names]
@@ -321,20 +331,25 @@ def add_routes(app: FastAPI, service: ScoringService) -> None:
                 wanted.append((oname, bool(oparams.get("binary_data", False))))
 
         s = await unless_disconnected(request.receive, service.score(prepared, ticket))
-        available = {"rewards": service.compat(s).astype(np.float32).reshape(-1, 1)}
+        if per_attribute:
+            rewards = s.outputs.astype(np.float32)
+        else:
+            rewards = service.compat(s).astype(np.float32).reshape(-1, 1)
+        available = {"rewards": rewards, "exceeded": prepared.truncated.astype(np.int32).reshape(-1, 1)}
         if multi:
             available["attributes"] = s.outputs.astype(np.float32)
 
         outputs_json, blobs = [], []
         for oname, as_binary in wanted:
             arr = available[oname]
-            entry: dict[str, Any] = {"name": oname, "datatype": "FP32", "shape": list(arr.shape)}
+            dtype = "INT32" if arr.dtype == np.int32 else "FP32"
+            entry: dict[str, Any] = {"name": oname, "datatype": dtype, "shape": list(arr.shape)}
             if as_binary:
-                raw = np.ascontiguousarray(arr, dtype="<f4").tobytes()
+                raw = np.ascontiguousarray(arr, dtype="<i4" if dtype == "INT32" else "<f4").tobytes()
                 entry["parameters"] = {"binary_data_size": len(raw)}
                 blobs.append(raw)
             else:
-                entry["data"] = [float(x) for x in arr.reshape(-1)]
+                entry["data"] = [int(x) if dtype == "INT32" else float(x) for x in arr.reshape(-1)]
             outputs_json.append(entry)
         result: dict[str, Any] = {"model_name": cfg.model_name, "model_version": VERSION, "outputs": outputs_json}
         if isinstance(head.get("id"), str) and head["id"]:
