@@ -16,7 +16,7 @@ truncation), :class:`rewardforge.scoring.RewardScorer`, ``rewardforge score`` an
   Llama-3's ``<|eot_id|>``); truncation keeps it, so the reward is read where training read it.
 
 **Normalisation** (on by default for text and token ids from clients; :meth:`ModelInputs.normalize_text`,
-:meth:`ModelInputs.normalize_ids`) brings what an RL trainer sends to that format, and says what it did:
+token ids decoded and read as text) brings what an RL trainer sends to that format, and says what it did:
 padding (left or right, the RM's or the policy's pad) is stripped; a lead written twice (the policy's BOS
 plus the tokenizer's) becomes one, a missing lead is added; trailing EOS runs the RM never saw are
 stripped; a missing or partial end-of-turn suffix is completed. With a policy tokenizer
@@ -266,6 +266,7 @@ class ChatFormat:
     eos: str | None = None
     pad: str | None = None
     bos: str | None = None
+    tokenizer: Any = None
 
     @classmethod
     def learn(cls, tokenizer) -> "ChatFormat":
@@ -297,7 +298,7 @@ class ChatFormat:
         except Exception:  # noqa: BLE001 - templates without a system role
             pass
         return cls(head, head_system, s2u, u2a, a2u, generation, tail,
-                   tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token)
+                   tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token, tokenizer)
 
     def parse(self, text: str) -> tuple[list[dict], str] | None:
         """(prompt messages, response) of ``text`` (a whole conversation in this format, the last turn the
@@ -352,7 +353,8 @@ class ChatFormat:
 # ---------------------------------------------------------------- items -> ids
 
 
-NORMALIZATIONS = ("stripped_padding", "stripped_duplicate_lead", "added_lead", "stripped_eos", "added_suffix", "rerendered")
+NORMALIZATIONS = ("stripped_padding", "stripped_duplicate_lead", "added_lead", "stripped_eos", "added_suffix", "rerendered",
+                  "retokenized")
 
 
 @dataclass
@@ -391,6 +393,7 @@ class ModelInputs:
         self.renderer = TextRenderer(tokenizer)
         self.format = InputFormat.of(tokenizer)
         self.policy = policy
+        self._own: ChatFormat | bool | None = None
 
     # ------------------------------------------------------------ rendering
 
@@ -469,76 +472,83 @@ class ModelInputs:
                 acts.append("added_suffix")
         return new, min(start, len(body)), acts
 
-    def normalize_ids(self, ids: np.ndarray, pad_ids: Sequence[int] = ()) -> tuple[np.ndarray, list[str]]:
-        """Token ids (the model's own vocabulary) in the model's format, as :meth:`normalize_text` does for text."""
-        f, acts = self.format, []
-        x = [int(v) for v in ids]
-        pads = {p for p in (f.pad_id, *pad_ids) if p is not None}
-        eos = {f.eos_id} if f.eos_id is not None else set()
-        lead, trail, suffix = list(f.lead_ids), list(f.trail_ids), list(f.suffix_ids)
-        a, b = 0, len(x)
-        while a < b and (x[a] in pads or (x[a] in eos and x[a : a + len(lead)] != lead)):
-            a += 1
-        end_pad = b
-        while b > a and x[b - 1] in pads:
-            b -= 1
-        if a or b < end_pad:
-            acts.append("stripped_padding")
-        x = x[a:b]
-        if lead:
-            n = 0
-            while x[: len(lead)] == lead:
-                x, n = x[len(lead):], n + 1
-            if n > 1:
-                acts.append("stripped_duplicate_lead")
-            if n == 0:
-                acts.append("added_lead")
-            x = lead + x
-        before = list(x)
-        while len(x) > len(lead):
-            if trail and x[-len(trail):] == trail and len(x) - len(trail) >= len(lead):
-                x = x[: -len(trail)]
-            elif x[-1] in eos or x[-1] in pads:
-                x = x[:-1]
-            else:
-                break
-        removed, added = before[len(x):], []
-        if suffix and x[-len(suffix):] != suffix:
-            k = next((k for k in range(len(suffix) - 1, 0, -1) if x[-k:] == suffix[:k]), 0)
-            added = suffix[k:]
-        x = x + added + trail
-        if x != before:
-            if removed and (added + trail)[: len(removed)] != removed:
-                acts.append("stripped_eos")
-            if added:
-                acts.append("added_suffix")
-        return np.asarray(x, np.int64), acts
+    def _own_format(self) -> "ChatFormat | None":
+        if self._own is None:
+            try:
+                self._own = ChatFormat.learn(self.tokenizer)
+            except DataError:
+                self._own = False
+        return self._own or None
 
-    def split_query(self, query: str, prompt: str | None) -> tuple[str, int, list[str]]:
-        """An OpenRLHF ``query`` (prompt + response) with its ``prompt``: (text, response_start, actions).
+    def _response_start(self, text: str) -> int | None:
+        """Where the response starts in ``text`` (a whole conversation in the model's own format), or None."""
+        own = self._own_format()
+        parsed = own.parse(text) if own is not None else None
+        if parsed is None or not parsed[0]:
+            return None
+        try:
+            t, s = self.render(parsed[0], parsed[1])
+        except DataError:
+            return None
+        return s if t == text else None
 
-        With a policy :class:`ChatFormat` the query is parsed into messages and rendered with the model's own
-        template; otherwise it is normalised as text, the response starting after ``prompt``.
+    def from_text(self, text: str, prompt: str | None = None) -> tuple[str, int, list[str]]:
+        """A whole sequence from an RL trainer (OpenRLHF's ``query``, decoded token ids) as the model's input:
+        (text, response_start, actions).
+
+        In order: a text in the policy's chat format (:class:`ChatFormat` of ``--policy-tokenizer``) is parsed into
+        messages and rendered with the model's own template; otherwise the text is normalised
+        (:meth:`normalize_text`) and, when it then parses as a conversation in the model's own chat format, rendered
+        from those messages exactly as ``score(messages)`` renders them (templates that trim contents, say); otherwise
+        the response starts after ``prompt`` (OpenRLHF's ``prompts``) when the text starts with it, so truncation cuts
+        what it cuts for ``score(messages)``.
         """
         if self.policy is not None:
-            parsed = self.policy.parse(self._strip_padding(query))
-            if parsed is not None:
-                messages, response = parsed
-                t, s = self.render(messages, response, "query")
+            parsed = self.policy.parse(self._strip_padding(text))
+            if parsed is not None and parsed[0]:
+                t, s = self.render(parsed[0], parsed[1], "query")
                 return t, s, ["rerendered"]
-        start = None
+        t, s, acts = self.normalize_text(text)
+        own = self._own_format()
+        parsed = own.parse(t) if own is not None else None
+        if parsed is not None and parsed[0]:
+            try:
+                t2, s2 = self.render(parsed[0], parsed[1])
+            except DataError:
+                t2 = None
+            if t2 is not None:
+                if t2 != t:
+                    acts = acts + ["rerendered"]
+                return t2, s2, acts
         if prompt:
-            q, p = self._strip_padding(query), self._strip_padding(prompt)
-            if q.startswith(p):
-                query, start = q, len(p)
-        return self.normalize_text(query, start)
+            bare = self._bare_start(prompt)
+            at = len(self.format.lead) if self.format.written else 0
+            if bare and t.startswith(bare, at):
+                s = at + len(bare)
+        return t, s, acts
+
+    def _bare_start(self, text: str) -> str:
+        """``text`` without the padding, EOS and leads at its start and the padding at its end."""
+        text = self._strip_padding(text)
+        lead = self.format.lead
+        while lead and text.startswith(lead):
+            text = text[len(lead):]
+        return text
+
+    def decode(self, ids) -> str:
+        """Token ids as text (the policy's tokenizer when one is given), special tokens kept."""
+        tok = getattr(self.policy, "tokenizer", None) or self.tokenizer
+        return tok.decode([int(x) for x in ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _strip_padding(self, text: str) -> str:
-        pads = [p for p in {self.format.pad, getattr(self.policy, "pad", None)} if p]
+        """Padding at both ends, and EOS runs at the start (OpenRLHF 0.8 left-pads with the policy's EOS)."""
+        f = self.format
+        pads = [p for p in {f.pad, getattr(self.policy, "pad", None)} if p]
+        front = pads + [e for e in {f.eos, getattr(self.policy, "eos", None)} if e and e != f.lead]
         again = True
         while again:
             again = False
-            for p in pads:
+            for p in front:
                 if text.startswith(p):
                     text, again = text[len(p):], True
         text, _ = self._strip_end(text, pads)
@@ -605,26 +615,25 @@ class ModelInputs:
         starts = [0] * n
         acts: list[list[str]] = [[] for _ in range(n)]
         full_lengths = np.zeros(n, np.int64)
+        original: dict[int, list[int]] = {}  # token-id items read as text
         text_idx: list[int] = []
         labels = list(where) if where is not None else [f"{field_name}[{i}]" for i in range(n)]
         for i, item in enumerate(items):
             where_i = labels[i]
             if "input_ids" in item:
                 arr = check_ids(item["input_ids"], f"{where_i}.input_ids") if check_ids else np.asarray(item["input_ids"], np.int64)
+                if normalize:  # decoded and read as text: the tokenization the model was trained on
+                    t, s, acts[i] = self.from_text(self.decode(arr))
+                    original[i] = [int(x) for x in arr]
+                else:
+                    full_lengths[i] = len(arr)
+                    arr, truncated[i] = self.truncate_ids(arr)
+                    seqs[i] = arr.astype(np.int32)
+                    num_tokens[i] = len(arr)
+                    continue
+            elif "text" in item:
                 if normalize:
-                    arr, acts[i] = self.normalize_ids(arr, item.get("pad_ids", ()))
-                if len(arr) == 0:
-                    raise DataError(f"{where_i}: no tokens are left after removing padding; send some tokens")
-                full_lengths[i] = len(arr)
-                arr, truncated[i] = self.truncate_ids(arr)
-                seqs[i] = arr.astype(np.int32)
-                num_tokens[i] = len(arr)
-                continue
-            if "text" in item:
-                if "prompt" in item and normalize:
-                    t, s, acts[i] = self.split_query(item["text"], item["prompt"])
-                elif normalize:
-                    t, s, acts[i] = self.normalize_text(item["text"])
+                    t, s, acts[i] = self.from_text(item["text"], item.get("prompt"))
                 else:
                     t, s = item["text"], len(item["text"])
             elif "messages" in item:
@@ -642,4 +651,8 @@ class ModelInputs:
                 num_tokens[i] = len(ids[k])
                 truncated[i] = full[k] > len(ids[k])
                 full_lengths[i] = full[k]
+                if i in original:
+                    texts[i] = None
+                    if not acts[i] and not truncated[i] and [int(x) for x in ids[k]] != original[i]:
+                        acts[i] = ["retokenized"]
         return Prepared(seqs, num_tokens, truncated, texts, starts, acts, full_lengths)  # type: ignore[arg-type]
