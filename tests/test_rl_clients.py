@@ -380,3 +380,27 @@ def test_normalisation_can_be_turned_off_per_request(family):
     assert on["rewards"][0] == pytest.approx(float(reference(model_dir, CONVS[:1])[0]), abs=TOL)
     assert off["extra_logs"]["normalized"] == [0.0]
     assert abs(off["rewards"][0] - on["rewards"][0]) > 1e-3
+
+
+@pytest.mark.parametrize("kind,template", [("qwen2", "tokenizer"), ("llama3", "tokenizer"), ("bert", "plain")])
+def test_trls_real_grpo_trainer_with_the_export_as_reward_func(family, tiny_model, tmp_path, kind, template):
+    """``GRPOTrainer(reward_funcs=[EXPORT_DIR])``: TRL loads the export itself and scores completions in
+    ``_calculate_rewards`` (what its training step calls; generation is not run)."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, _, _ = family(kind, template)
+    src = tiny_model("qwen2")
+    policy = AutoModelForCausalLM.from_pretrained(src)
+    tok = AutoTokenizer.from_pretrained(src)
+    prompts = [p for p, _ in CONVS]
+    completions = [[{"role": "assistant", "content": r}] for _, r in CONVS]
+    args = trl.GRPOConfig(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=2,
+                          max_completion_length=8, report_to=[], use_cpu=True, bf16=False, save_strategy="no")
+    trainer = trl.GRPOTrainer(model=policy, processing_class=tok, reward_funcs=[str(model_dir)], args=args,
+                              train_dataset=Dataset.from_list([{"prompt": p} for p in prompts]))
+    inputs = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions)]
+    ids = [tok(c[0]["content"])["input_ids"] for c in completions]
+    rewards = trainer._calculate_rewards(inputs, prompts, completions, ids)
+    np.testing.assert_allclose(rewards[:, 0].numpy(), reference(model_dir, CONVS), atol=TOL)

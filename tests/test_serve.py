@@ -590,6 +590,11 @@ def test_sync_and_async_clients(binary_server, binary_scorer):
             c.score_items([{"text": 5}])
         with pytest.raises(ValueError):
             c.score(prompts, responses[:2])
+        # normalize passes through: the BOS-less text gets the model's BOS only when normalisation is on
+        raw = "Human: hi\n\nAssistant: hello there"
+        on, off = c.score_items([{"text": raw}])[0], c.score_items([{"text": raw}], normalize=False)[0]
+        assert on.num_tokens == off.num_tokens + 1 and on.extra["normalized"] == ["added_lead"]
+        assert off.reward == pytest.approx(float(binary_scorer.score_texts([raw], normalize=False)[0]), abs=1e-4)
 
     async def run():
         async with AsyncRewardClient(binary_server.url, chunk_size=2) as ac:

@@ -63,6 +63,14 @@ def pair_items(prompts: Sequence[Conversation], responses: Sequence[Conversation
     return [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
 
 
+def _score_body(items: list, return_text: bool, normalize: bool | None) -> dict[str, Any]:
+    """The /v1/score body; ``normalize`` None leaves the server's --normalize-inputs in charge."""
+    body: dict[str, Any] = {"items": items, "return_text": return_text}
+    if normalize is not None:
+        body["normalize"] = normalize
+    return body
+
+
 def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)] or [[]]
 
@@ -145,13 +153,14 @@ class RewardClient(_Base):
             raise _error(resp)
         return resp.json()
 
-    def score_items(self, items: Iterable[dict[str, Any]], *, return_text: bool = False) -> list[ScoreResult]:
+    def score_items(self, items: Iterable[dict[str, Any]], *, return_text: bool = False,
+                    normalize: bool | None = None) -> list[ScoreResult]:
         """Score raw items (``{prompt, response}``, ``{messages}``, ``{text}`` or ``{input_ids}``), in order."""
         out: list[ScoreResult] = []
         for chunk in _chunks(list(items), self.chunk_size):
             if not chunk:
                 continue
-            body = self._post("/v1/score", {"items": chunk, "return_text": return_text})
+            body = self._post("/v1/score", _score_body(chunk, return_text, normalize))
             out.extend(ScoreResult.from_json(r) for r in body["results"])
         return out
 
@@ -212,9 +221,10 @@ class AsyncRewardClient(_Base):
             raise _error(resp)
         return resp.json()
 
-    async def score_items(self, items: Iterable[dict[str, Any]], *, return_text: bool = False) -> list[ScoreResult]:
+    async def score_items(self, items: Iterable[dict[str, Any]], *, return_text: bool = False,
+                          normalize: bool | None = None) -> list[ScoreResult]:
         chunks = [c for c in _chunks(list(items), self.chunk_size) if c]
-        bodies = await asyncio.gather(*(self._post("/v1/score", {"items": c, "return_text": return_text}) for c in chunks))
+        bodies = await asyncio.gather(*(self._post("/v1/score", _score_body(c, return_text, normalize)) for c in chunks))
         return [ScoreResult.from_json(r) for b in bodies for r in b["results"]]
 
     async def score_detailed(self, prompts: Sequence[Conversation], responses: Sequence[Conversation]) -> list[ScoreResult]:
