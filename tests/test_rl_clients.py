@@ -404,3 +404,14 @@ def test_trls_real_grpo_trainer_with_the_export_as_reward_func(family, tiny_mode
     ids = [tok(c[0]["content"])["input_ids"] for c in completions]
     rewards = trainer._calculate_rewards(inputs, prompts, completions, ids)
     np.testing.assert_allclose(rewards[:, 0].numpy(), reference(model_dir, CONVS), atol=TOL)
+
+
+def test_a_bad_policy_tokenizer_is_one_line_naming_the_path(tmp_path, family):
+    from rewardforge.data.readers import DataError
+    from rewardforge.serve import ServeConfig, create_app
+
+    with pytest.raises(ValueError, match=r"policy_tokenizer='/nonexistent' does not exist; give the directory"):
+        ServeConfig(policy_tokenizer="/nonexistent").validate()
+    model_dir, _, _ = family("gpt2", "plain")
+    with pytest.raises(DataError, match=r"holds no tokenizer that transformers can load .*; give the policy's tokenizer"):
+        create_app(rewardforge.load(model_dir, device="cpu"), ServeConfig(policy_tokenizer=str(tmp_path)))

@@ -117,6 +117,9 @@ class ServeConfig:
             )
         if self.compat_reward not in COMPAT_REWARDS:
             raise ValueError(f"compat_reward must be one of {', '.join(COMPAT_REWARDS)}, got {self.compat_reward!r}")
+        if self.policy_tokenizer and not os.path.isdir(self.policy_tokenizer):
+            raise ValueError(f"policy_tokenizer={self.policy_tokenizer!r} does not exist; give the directory the "
+                             "policy's tokenizer was saved to (AutoTokenizer.from_pretrained(DIR) loads it)")
         if self.v2_rewards not in V2_REWARDS:
             raise ValueError(f"v2_rewards must be one of {', '.join(V2_REWARDS)}, got {self.v2_rewards!r}")
         if self.dtype not in DTYPES:

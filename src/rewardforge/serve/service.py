@@ -190,5 +190,7 @@ def _load_tokenizer(path: str):
 
     try:
         return AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"policy_tokenizer={path!r} cannot be loaded ({e}); give the policy's tokenizer directory") from None
+    except Exception as e:  # noqa: BLE001 - whatever transformers raises for a directory without a tokenizer
+        raise DataError(f"policy_tokenizer={path!r} holds no tokenizer that transformers can load "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); give the policy's tokenizer "
+                        "directory") from None
