@@ -73,6 +73,27 @@ def test_checkpoints_metrics_and_summary_files(resume_runs):
     assert summary["data"]["train"]["rows_read"] == 160 and summary["data"]["train"]["excluded"] == {}
     assert 0.0 <= summary["final_validation"]["accuracy"] <= 1.0
     assert summary["export"]["path"] == str(root / "a/model")
+    # the verdict: the same accuracy with its interval, and the length baseline on the same pairs
+    v = summary["validation_verdict"]
+    assert v["accuracy"] == summary["final_validation"]["accuracy"] and v["pairs"] == summary["final_validation"]["pairs"]
+    assert v["ci95"][0] <= v["accuracy"] <= v["ci95"][1] and 0.0 <= v["length_baseline"]["accuracy"] <= 1.0
+    assert summary["next"]["serve"] == f"rewardforge serve {root / 'a/model'} --port 8000"
+
+
+def test_pair_verdict_on_hand_computed_numbers():
+    from rewardforge.evaluate import pair_verdict
+
+    # 80 of 100 right; the longer side is the chosen one in 50, the rejected in 40, tied in 10 -> 0.55
+    chosen, rejected = np.r_[np.ones(80), np.zeros(20)], np.r_[np.zeros(80), np.ones(20)]
+    c_tok = np.r_[np.full(50, 20), np.full(40, 10), np.full(10, 15)]
+    r_tok = np.r_[np.full(50, 10), np.full(40, 20), np.full(10, 15)]
+    v = pair_verdict(chosen, rejected, c_tok, r_tok)
+    assert v["accuracy"] == 0.8 and v["length_baseline"]["accuracy"] == 0.55
+    lo, hi = v["ci95"]  # Wilson, z = 1.96: 0.7112 .. 0.8666
+    assert abs(lo - 0.7112) < 1e-3 and abs(hi - 0.8666) < 1e-3
+    assert v["beats_chance"] and v["beats_length_baseline"] and v["verdict"].startswith("better than chance and")
+    chance = pair_verdict(np.r_[np.ones(52), np.zeros(48)], np.r_[np.zeros(52), np.ones(48)], c_tok, r_tok)
+    assert not chance["beats_chance"] and "not distinguishable from chance" in chance["verdict"]
 
 
 def test_export_from_checkpoint_matches_the_end_of_run_export(resume_runs, tmp_path):

@@ -112,3 +112,35 @@ def validation_metrics(pred: dict[str, np.ndarray], names: list[str], weights: l
     if not pred:
         return {"examples": 0}
     return regression_metrics(pred["pred"], pred["labels"], names)
+
+
+def pair_verdict(chosen: np.ndarray, rejected: np.ndarray, chosen_tokens: np.ndarray, rejected_tokens: np.ndarray) -> dict[str, Any]:
+    """Is a validation accuracy a result? Its 95% Wilson interval, chance, and the length baseline on the same pairs.
+
+    The baseline picks the side with more tokens (the two sides share the prompt, so it is the longer response;
+    ties count one half). ``beats_chance``: the interval lies above 0.5. ``beats_length_baseline``: the accuracy is
+    above the baseline's and an exact McNemar test of the two on the same pairs gives p < 0.05.
+    """
+    from rewardforge.eval.metrics import compare_pairs, wilson_interval
+
+    d = np.asarray(chosen, np.float64) - np.asarray(rejected, np.float64)
+    n = len(d)
+    if n == 0:
+        return {"pairs": 0}
+    acc = float(((d > 0).sum() + 0.5 * (d == 0).sum()) / n)
+    lo, hi = wilson_interval(acc * n, n)
+    length = np.sign(np.asarray(chosen_tokens, np.float64) - np.asarray(rejected_tokens, np.float64))
+    base = float(((length > 0).sum() + 0.5 * (length == 0).sum()) / n)
+    blo, bhi = wilson_interval(base * n, n)
+    cmp = compare_pairs(d, length)
+    beats_base = acc > base and cmp["mcnemar_p"] < 0.05
+    if lo > 0.5 and beats_base:
+        verdict = "better than chance and than picking the longer response"
+    elif lo > 0.5:
+        verdict = "better than chance, but not shown better than picking the longer response"
+    else:
+        verdict = "not distinguishable from chance (the 95% interval includes 0.5)"
+    return {"pairs": n, "accuracy": acc, "ci95": [lo, hi], "beats_chance": bool(lo > 0.5),
+            "length_baseline": {"accuracy": base, "ci95": [blo, bhi], "mcnemar_p": cmp["mcnemar_p"],
+                                "model_only": cmp["a_only"], "baseline_only": cmp["b_only"]},
+            "beats_length_baseline": bool(beats_base), "verdict": verdict}

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rewardforge.checkpoint import (
@@ -43,7 +44,7 @@ from rewardforge.distributed import (
     resolve_strategy,
     shard_model,
 )
-from rewardforge.evaluate import predict, validation_metrics
+from rewardforge.evaluate import pair_verdict, predict, validation_metrics
 from rewardforge.export import reward_statistics, write_model_dir
 from rewardforge.faults import fault_point
 from rewardforge.models import load_tokenizer, set_attention
@@ -599,8 +600,20 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
     final = validation_metrics(final_pred, output_names(cfg), attribute_weights(cfg))
     _log(run, {"step": run.state.step, "epoch": run.state.epoch, "split": "validation", "final": True, **final})
     extra = evaluate_extra(run)
+    verdict = None
+    if "chosen" in final_pred and len(run.val_data):
+        w = np.asarray(attribute_weights(cfg), np.float64)
+        c, r = final_pred["chosen"], final_pred["rejected"]
+        c = c @ w if c.shape[1] > 1 else c[:, 0]
+        r = r @ w if r.shape[1] > 1 else r[:, 0]
+        verdict = pair_verdict(c, r, [len(x) for x in run.val_data.chosen], [len(x) for x in run.val_data.rejected])
     if acc.is_main_process and progress:
         print(_format_val(run.state.step, final))
+        if verdict:
+            b = verdict["length_baseline"]
+            print(f"validation accuracy {verdict['accuracy']:.4f} (95% interval {verdict['ci95'][0]:.3f}-{verdict['ci95'][1]:.3f}, "
+                  f"{verdict['pairs']} pairs): {verdict['verdict']}; 'pick the longer response' gets {b['accuracy']:.4f} on "
+                  f"the same pairs (McNemar p {b['mcnemar_p']:.3g})")
     if cfg.train.save_steps:
         _save(run)
     summary: dict[str, Any] = {
@@ -611,6 +624,7 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
         "examples_seen": run.state.examples_seen,
         "resumed_from": run.resumed_from,
         "final_validation": final,
+        "validation_verdict": verdict,
         "final_eval": extra,
         "data": run.data_reports,
         "memory_estimate": memory,
@@ -618,6 +632,14 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
     if export:
         path, stats = export_run(run, pred=final_pred)
         summary["export"] = {"path": str(path), **{k: stats[k] for k in ("reward_mean", "reward_std", "sequences")}}
+        summary["next"] = {
+            "score": f"echo '{{\"prompt\": \"...\", \"response\": \"...\"}}' | rewardforge score {path}",
+            "eval": f"rewardforge eval {path} --data FILE --out {Path(cfg.output_dir) / 'eval'}",
+            "serve": f"rewardforge serve {path} --port 8000",
+        }
+        if acc.is_main_process and progress:
+            print(f"exported {path}; next: rewardforge score {path} | rewardforge eval {path} --data FILE | "
+                  f"rewardforge serve {path}")
     summary["wall_seconds"] = time.perf_counter() - t0
     summary["train_seconds"] = timing["train_seconds"]
     summary["examples_per_second"] = run.state.examples_seen / max(timing["train_seconds"], 1e-9)
