@@ -202,3 +202,33 @@ def test_python_dash_m_help():
         assert command in res.stdout
     res = subprocess.run([sys.executable, "-m", "rewardforge", "score", "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "--return-text" in res.stdout and "--batch-size" in res.stdout
+
+
+# ---------------------------------------------------------------- user errors: one line naming the path and the fix
+
+
+def _one_line_error(capsys, argv) -> str:
+    capsys.readouterr()  # what fixtures printed
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_path_errors_are_one_line_naming_the_path_and_checked_before_work(exported, tmp_path, capsys):
+    model_dir = exported("gpt2")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    empty = tmp_path / "empty-dir"
+    empty.mkdir()
+    inp = write_jsonl(tmp_path / "in.jsonl", ROWS[:1])
+    err = _one_line_error(capsys, ["train", f"model.name_or_path={empty}", f"output_dir={tmp_path / 'o1'}"])
+    assert f"{empty} is a directory without config.json or tokenizer files" in err
+    err = _one_line_error(capsys, ["train", f"model.name_or_path={tmp_path / 'missing'}", f"output_dir={tmp_path / 'o2'}"])
+    assert f"{tmp_path / 'missing'} does not exist" in err
+    err = _one_line_error(capsys, ["score", str(model_dir), "--input", str(inp), "--output", str(blocker / "out.jsonl")])
+    assert err.endswith(f"--output {blocker / 'out.jsonl'}: {blocker} is not a writable directory; give another path")
+    err = _one_line_error(capsys, ["export", str(tmp_path / "no-ckpt"), str(tmp_path / "x")])
+    assert "does not exist; give a checkpoint directory" in err
+    err = _one_line_error(capsys, ["export", str(empty), str(tmp_path / "x")])
+    assert "is not a rewardforge checkpoint (no config.yaml)" in err

@@ -171,6 +171,9 @@ def read_state(checkpoint: Path) -> tuple[TrainerState, int, int]:
 
 def read_config(checkpoint: Path) -> dict:
     path = Path(checkpoint) / "config.yaml"
+    if not Path(checkpoint).exists():
+        raise CheckpointError(f"{checkpoint} does not exist; give a checkpoint directory (OUTPUT_DIR/checkpoints/step-N)")
     if not path.is_file():
-        raise CheckpointError(f"{checkpoint} is not a rewardforge checkpoint (no config.yaml)")
+        raise CheckpointError(f"{checkpoint} is not a rewardforge checkpoint (no config.yaml); give a checkpoint "
+                              "directory (OUTPUT_DIR/checkpoints/step-N)")
     return yaml.safe_load(path.read_text())

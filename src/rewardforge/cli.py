@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 import sys
 from typing import Any
 
@@ -23,7 +24,20 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from rewardforge.data.readers import DataError
     from rewardforge.models import ModelError
 
-    return (ConfigError, DataError, ModelError, CheckpointError, FileNotFoundError, FloatingPointError)
+    return (ConfigError, DataError, ModelError, CheckpointError, FileNotFoundError, FloatingPointError,
+            PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
+
+
+def _error_line(e: BaseException) -> str:
+    """One line for a user error; file-system errors name the path, what is wrong and the fix."""
+    if isinstance(e, OSError) and getattr(e, "filename", None):
+        what = {PermissionError: "cannot write or read it (permission denied)",
+                NotADirectoryError: "a part of the path is a file, not a directory",
+                IsADirectoryError: "it is a directory where a file is needed",
+                FileExistsError: "it already exists",
+                FileNotFoundError: "it does not exist"}.get(type(e), e.strerror or str(e))
+        return f"{e.filename}: {what}; give another path"
+    return str(e)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -60,9 +74,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_writable_dir(path: str | Path, what: str) -> None:
+    """Fail before any work when ``path``'s nearest existing parent is not a writable directory."""
+    from rewardforge.data.readers import DataError
+
+    p = Path(path).resolve()
+    parent = p if p.is_dir() else p.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise DataError(f"{what} {path}: {parent} is not a writable directory; give another path")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    from rewardforge.checkpoint import read_config
     from rewardforge.train import export_checkpoint
 
+    read_config(Path(args.checkpoint))  # a missing or wrong checkpoint first, then the destination
+    _check_writable_dir(args.out, "export destination")
     path = export_checkpoint(args.checkpoint, args.out)
     print(f"exported {args.checkpoint} -> {path}")
     return 0
@@ -93,6 +122,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     import rewardforge
     from rewardforge.data.readers import DataError
 
+    if args.output:  # before loading and scoring: a path that cannot be written fails first
+        _check_writable_dir(args.output, "--output")
+        open(args.output, "a", encoding="utf-8").close()
     scorer = rewardforge.load(args.model_dir, batch_size=args.batch_size, device=args.device)
     name = args.input or "<stdin>"
     if args.input:
@@ -260,10 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except _user_errors() as e:
-        print(f"rewardforge {args.command}: error: {e}", file=sys.stderr)
+        print(f"rewardforge {args.command}: error: {_error_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
-        print(f"rewardforge {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        # a KeyboardInterrupt carries no message: say what happened
+        print(f"rewardforge {args.command}: {str(e) or 'interrupted (Ctrl-C)'}", file=sys.stderr)
         return 130
 
 

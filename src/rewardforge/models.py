@@ -41,7 +41,13 @@ def resolve_model_path(name_or_path: str) -> str:
     if not name_or_path:
         raise ModelError("model.name_or_path is empty; set it to a Hugging Face model id or a local directory")
     if os.path.isdir(name_or_path):
+        if not any(os.path.isfile(os.path.join(name_or_path, f)) for f in ("config.json", "tokenizer.json", "tokenizer_config.json")):
+            raise ModelError(f"{name_or_path} is a directory without config.json or tokenizer files, so not a saved "
+                             "Hugging Face model; give the directory save_pretrained wrote, or a hub id")
         return name_or_path
+    if name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1:  # a path, not a hub id
+        raise ModelError(f"{name_or_path} does not exist; give an existing local model directory or a Hugging Face "
+                         "model id (namespace/name)")
     package = OFFLINE_MODELS.get(name_or_path)
     if package:
         try:
