@@ -113,11 +113,13 @@ def test_unknown_key_names_it_and_suggests(override, bad, want):
     bad = bad or override.split("=")[0]
     with pytest.raises(ConfigError, match=rf"unknown config key '{bad}'; did you mean '{want}'\?") as e:
         load_config(None, [override])
-    assert "Valid keys: model.name_or_path" in str(e.value)
+    section = bad.split(".")[0]
+    # the listing: only the keys of the section named (or the sections, for a misspelt section)
+    assert (f"Keys of {section}: {section}." in str(e.value)) if "." in bad else ("Sections: model, data" in str(e.value))
 
 
 def test_unknown_key_without_close_match():
-    with pytest.raises(ConfigError, match=r"unknown config key 'zzz'\. Valid keys: ") as e:
+    with pytest.raises(ConfigError, match=r"unknown config key 'zzz'\. Sections: ") as e:
         load_config(None, ["zzz=1"])
     assert "did you mean" not in str(e.value)
     with pytest.raises(ConfigError, match=r"unknown config key 'a\.b\.c'"):
@@ -223,3 +225,20 @@ def test_every_shipped_config_loads(path):
     spec.check(cfg)  # the loss and attributes fit the type
     # The file round-trips: overriding nothing changes nothing.
     assert load_config(path, [f"output_dir={cfg.output_dir}"]) == cfg
+
+
+@pytest.mark.parametrize("key,ours", [("train.per_device_train_batch_size", "train.batch_size"),
+                                      ("train.num_train_epochs", "train.epochs"), ("train.lr", "train.learning_rate"),
+                                      ("train.per_device_eval_batch_size", "train.eval_batch_size"),
+                                      ("model.model_name_or_path", "model.name_or_path")])
+def test_trl_and_hf_names_get_rewardforges_name(key, ours):
+    with pytest.raises(ConfigError, match=rf"unknown config key '{key}': rewardforge calls it {ours}"):
+        load_config(None, [f"{key}=1"])
+
+
+def test_an_unknown_key_lists_only_its_sections_keys():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.batch_sise=4"])
+    msg = str(e.value)
+    assert "did you mean 'train.batch_size'?" in msg and "Keys of train: train.epochs" in msg
+    assert "data.max_length" not in msg and "model." not in msg

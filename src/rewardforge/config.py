@@ -236,15 +236,49 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# Names TRL / transformers' TrainingArguments (and OpenRLHF) use, and what rewardforge calls them.
+FOREIGN_NAMES = {
+    "per_device_train_batch_size": "train.batch_size",
+    "train_batch_size": "train.batch_size",
+    "micro_train_batch_size": "train.batch_size",
+    "per_device_eval_batch_size": "train.eval_batch_size",
+    "num_train_epochs": "train.epochs",
+    "max_epochs": "train.epochs",
+    "lr": "train.learning_rate",
+    "lr_scheduler_type": "train.lr_scheduler",
+    "warmup_steps": "train.warmup_ratio (a fraction of the steps)",
+    "lr_warmup_ratio": "train.warmup_ratio",
+    "logging_steps": "train.log_steps",
+    "bf16": "train.precision=bf16 (or bf16_master)",
+    "fp16": "train.precision (fp16 is not supported on CPU: use bf16)",
+    "center_rewards_coefficient": "loss.center_rewards_coef",
+    "disable_dropout": "model.dropout=0 (the default)",
+    "model_name_or_path": "model.name_or_path",
+    "pretrain": "model.name_or_path",
+    "max_len": "data.max_length",
+    "dataset": "data.train",
+    "report_to": "metrics.jsonl in output_dir (trackers are not supported yet)",
+}
+
+
 def _unknown(key: str, valid: list[str]) -> ConfigError:
+    name = key.split(".")[-1]
+    if name in FOREIGN_NAMES:
+        return ConfigError(f"unknown config key {key!r}: rewardforge calls it {FOREIGN_NAMES[name]}")
     if "." not in key:  # a misspelt section (or output_dir)
         close = difflib.get_close_matches(key, [*_sections(), "output_dir"], n=1)
         suggestion = close[0] if close else None
+        listed = [*_sections(), "output_dir"]
+        what = "Sections"
     else:
-        close = difflib.get_close_matches(key.split(".")[-1], [v.split(".")[-1] for v in valid], n=1)
+        section = key.split(".")[0]
+        in_section = [v for v in valid if v.startswith(section + ".")]
+        close = difflib.get_close_matches(name, [v.split(".")[-1] for v in valid], n=1)  # any section: a key put in the wrong one
         suggestion = next(v for v in valid if v.endswith("." + close[0]) or v == close[0]) if close else None
+        listed = in_section or valid
+        what = f"Keys of {section}" if in_section else "Valid keys"
     hint = f"; did you mean {suggestion!r}?" if suggestion else "."
-    return ConfigError(f"unknown config key {key!r}{hint} Valid keys: {', '.join(valid)}")
+    return ConfigError(f"unknown config key {key!r}{hint} {what}: {', '.join(listed)}")
 
 
 def valid_keys() -> list[str]:
