@@ -315,3 +315,12 @@ def test_memory_estimate_uses_the_precision_auto_gives_that_launch(tiny_model, m
     assert estimate_for_config(auto, 1)["weights_gib"] == pytest.approx(estimate_for_config(explicit["bf16_master"], 1)["weights_gib"])
     assert estimate_for_config(auto, 1)["weights_gib"] > estimate_for_config(auto, 2)["weights_gib"]
     assert auto.train.precision == "auto"  # the caller's config is left as it was
+
+
+def test_the_run_says_why_it_picked_its_precision():
+    from rewardforge.precision import precision_reason
+
+    assert precision_reason("fp32", "fp32", device_type="cpu", ddp=False) == "train.precision=fp32, as set"
+    assert "no native bf16 math (no AVX512-BF16 or AMX)" in precision_reason("auto", "fp32", device_type="cpu", ddp=False)
+    assert "over fp32 master weights" in precision_reason("auto", "bf16_master", device_type="cpu", ddp=False)
+    assert "DDP" in precision_reason("auto", "bf16", device_type="cpu", ddp=True)

@@ -49,7 +49,7 @@ from rewardforge.export import reward_statistics, write_model_dir
 from rewardforge.faults import fault_point
 from rewardforge.models import load_tokenizer, set_attention
 from rewardforge.packing import PackedPairCollator, check_share_prompt, model_kwargs
-from rewardforge.precision import MasterWeights, resolve_precision
+from rewardforge.precision import MasterWeights, precision_reason, resolve_precision
 from rewardforge.registry import RewardModelSpec, attribute_weights, get_reward_model_spec, output_names
 
 
@@ -75,6 +75,7 @@ class Run:
     state: TrainerState = field(default_factory=TrainerState)
     resumed_from: str | None = None
     stop_signal: str | None = None
+    precision_reason: str = ""
     extra_eval: list = field(default_factory=list)  # eval.datasets, loaded once (main process)
     strategy: str = "single"  # single, ddp or fsdp (rewardforge.distributed)
     master: MasterWeights | None = None  # train.precision=bf16_master on one process
@@ -231,7 +232,11 @@ def setup(cfg: Config, *, accelerator=None) -> Run:
     spec.check(cfg)
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
+    requested = cfg.train.precision
     cfg.train.precision = effective_precision(cfg)  # auto -> what it means here, recorded in the run's config
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.train.strategy != "fsdp"
+    why_precision = precision_reason(requested, cfg.train.precision, device_type="cuda" if torch.cuda.is_available() else "cpu",
+                                     ddp=ddp)
     out = Path(cfg.output_dir)
     accelerator = accelerator or _make_accelerator(cfg)
     strategy = resolve_strategy(cfg, accelerator)
@@ -288,7 +293,7 @@ def setup(cfg: Config, *, accelerator=None) -> Run:
         model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     run = Run(cfg, spec, accelerator, tokenizer, template, model, optimizer, scheduler, train_data, val_data, sampler,
-              collate, total, steps_per_epoch, reports, strategy=strategy)
+              collate, total, steps_per_epoch, reports, strategy=strategy, precision_reason=why_precision)
     if cfg.train.precision == "bf16_master" and strategy == "single":
         run.master = MasterWeights(run.bare_model(), keep_fp32=(run.bare_model().head(),))
     if cfg.eval.datasets and accelerator.is_main_process:
@@ -589,7 +594,8 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
     if acc.is_main_process:
         (out / "config.yaml").write_text(__import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
         _print_data(run)
-        print(f"strategy: {run.strategy} on {acc.num_processes} process(es), device {acc.device}, precision {cfg.train.precision}")
+        print(f"strategy: {run.strategy} on {acc.num_processes} process(es), device {acc.device}, precision {cfg.train.precision} "
+              f"({run.precision_reason})")
         if progress:
             print(f"model: {memory['parameters'] / 1e6:.1f}M parameters ({memory['trainable_parameters'] / 1e6:.1f}M trainable); "
                   f"estimated peak memory per process {memory['total_gib']:.2f} GiB (weights {memory['weights_gib']:.2f}, "
