@@ -232,3 +232,24 @@ def test_path_errors_are_one_line_naming_the_path_and_checked_before_work(export
     assert "does not exist; give a checkpoint directory" in err
     err = _one_line_error(capsys, ["export", str(empty), str(tmp_path / "x")])
     assert "is not a rewardforge checkpoint (no config.yaml)" in err
+
+
+def test_data_errors_say_the_fix_and_a_failed_run_leaves_no_empty_folder(tiny_model, tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    broken = write_jsonl(tmp_path / "broken.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}, "{broken"])
+    out = tmp_path / "never-started"
+    err = _one_line_error(capsys, ["train", f"model.name_or_path={tiny_model('gpt2')}", f"data.train=[{empty}]",
+                                   f"output_dir={out}", "data.cache_dir=none"])
+    assert err.endswith(f"no training examples left after reading {empty}: the files hold no rows; give data.train "
+                        "files with preference pairs or rated responses")
+    assert not out.exists()
+    err = _one_line_error(capsys, ["train", f"model.name_or_path={tiny_model('gpt2')}", f"data.train=[{broken}]",
+                                   f"output_dir={out}", "data.cache_dir=none"])
+    assert f"{broken}:2: invalid JSON" in err and err.endswith("set data.skip_bad_rows=true to skip such rows")
+
+
+def test_help_config_lines_fit_a_terminal(capsys):
+    assert main(["train", "--help-config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) > 60 and max(map(len, lines)) <= 100

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -72,7 +73,7 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    name: str = _f("auto", "auto (the type's default), bradley_terry, margin_bradley_terry, scaled_bradley_terry or mse.")
+    name: str = _f("auto", "auto (the type's default), bradley_terry (uses a pair's margin when present), margin_bradley_terry (the same), regular_bradley_terry (never the margin), scaled_bradley_terry or mse.")
     center_rewards_coef: float = _f(0.0, "Adds coef * mean((r_chosen + r_rejected)^2) to keep rewards centred at 0.")
     use_margin: bool = _f(True, "Use a pair's 'margin' field in margin_bradley_terry / bradley_terry when present.")
 
@@ -94,7 +95,7 @@ class TrainConfig:
     precision: str = _f("auto", "auto (default: bf16_master on one process or FSDP, bf16 with DDP, on a CPU with native bf16 math, AVX512-BF16 or AMX; bf16 on a CUDA GPU with bf16; fp32 elsewhere; resolved when training starts and recorded in the run's config); fp32; bf16 (autocast: fp32 weights, matmuls in bf16, as TRL and the HF Trainer); or bf16_master (forward and backward entirely in bf16 over fp32 master weights, accumulation and AdamW state: NeMo/Megatron's O2; fastest on CPUs with avx512_bf16/AMX and on GPUs). Not with train.strategy=ddp.")
     seed: int = _f(42, "Seed for weights of the head, data order and dropout.")
     eval_steps: int = _f(0, "Validate every N optimizer steps (0: only at the end).")
-    save_steps: int = _f(0, "Checkpoint every N optimizer steps (0: only at the end).")
+    save_steps: int = _f(0, "Checkpoint every N optimizer steps and at the end (0: no checkpoints; the export is written either way).")
     save_total_limit: int = _f(2, "Keep at most this many checkpoints (0 keeps all).")
     resume_from: str = _f("", "Checkpoint directory to resume from, or 'auto' for the latest complete one in output_dir.")
     log_steps: int = _f(10, "Append training metrics to metrics.jsonl every N optimizer steps.")
@@ -381,7 +382,9 @@ def describe() -> str:
         lines.append(f"{section}:")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            lines.append(f"  {f.name} = {default!r}\n      {f.metadata.get('help', '')}")
+            lines.append(f"  {f.name} = {default!r}")
+            lines += textwrap.wrap(f.metadata.get("help", ""), 100, initial_indent="      ", subsequent_indent="      ")
     lines.append(f"output_dir = {Config.__dataclass_fields__['output_dir'].default!r}")
-    lines.append(f"      {Config.__dataclass_fields__['output_dir'].metadata['help']}")
+    lines += textwrap.wrap(Config.__dataclass_fields__["output_dir"].metadata["help"], 100, initial_indent="      ",
+                           subsequent_indent="      ")
     return "\n".join(lines)

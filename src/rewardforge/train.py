@@ -141,7 +141,11 @@ def load_data(cfg: Config, spec: RewardModelSpec, tokenizer):
         reports["validation"] = {"split_from_train": True, "fraction": cfg.data.validation_fraction}
     reports["train_examples"], reports["validation_examples"] = len(train), len(val)
     if len(train) == 0:
-        raise DataError(f"no training examples left after reading {cfg.data.train} (report: {train_report.as_dict()})")
+        r = train_report.as_dict()
+        why = ("the files hold no rows" if not r["rows_read"] else
+               f"{r['rows_read']} rows read, {r['skipped_bad_rows']} bad rows skipped, excluded {r['excluded'] or 'none'}")
+        raise DataError(f"no training examples left after reading {', '.join(map(str, cfg.data.train))}: {why}; "
+                        "give data.train files with preference pairs or rated responses")
     if len(val) == 0:
         raise DataError(
             "the validation set is empty; give data.validation or raise data.validation_fraction "
@@ -585,9 +589,15 @@ def export_run(run: Run, out_dir: str | Path | None = None, pred: dict[str, Any]
 def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> dict[str, Any]:
     """Train, validate, checkpoint and export; write ``summary.json``; return the summary."""
     t0 = time.perf_counter()
-    run = setup(cfg)
-    acc = run.accelerator
     out = Path(cfg.output_dir)
+    existed = out.exists()
+    try:
+        run = setup(cfg)
+    except BaseException:
+        if not existed and out.is_dir() and not any(out.iterdir()):  # a run that never started leaves no empty folder
+            out.rmdir()
+        raise
+    acc = run.accelerator
     lengths = run.train_data.lengths()
     memory = estimate_memory(run.bare_model(), cfg, int(min(cfg.data.max_length, lengths.max() if len(lengths) else 1)),
                              shards=acc.num_processes if run.strategy == "fsdp" else 1)
@@ -663,6 +673,10 @@ def _print_data(run: Run) -> None:
         f"bad rows skipped {tr['skipped_bad_rows']}; truncated sequences: prompt {tr['truncation'].get('truncated_prompt', 0)}, "
         f"response {tr['truncation'].get('truncated_response', 0)}"
     )
+    n_val = r["validation_examples"]
+    if n_val < 100:
+        print(f"warning: only {n_val} validation examples: an accuracy measured on them has a 95% interval about "
+              f"±{1.96 * math.sqrt(0.25 / max(n_val, 1)):.2f} wide; give data.validation or raise data.validation_fraction")
 
 
 def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:

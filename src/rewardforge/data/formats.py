@@ -399,7 +399,7 @@ def parse_rows(
 
     def bad(err: DataError) -> None:
         if not skip_bad_rows:
-            raise err
+            raise err if _SKIP_HINT in str(err) else DataError(f"{err}; {_SKIP_HINT}")
         report.skip("bad_row", str(err))
 
     def unpaired(first: Row) -> DataError:
