@@ -96,6 +96,20 @@ def test_pair_verdict_on_hand_computed_numbers():
     assert not chance["beats_chance"] and "not distinguishable from chance" in chance["verdict"]
 
 
+def test_a_resumed_run_says_what_changed_since_its_checkpoint(resume_runs, tiny_model, pairs_file):
+    from rewardforge.train import config_changes
+
+    root, _, _ = resume_runs
+    ckpt = root / "a/checkpoints/step-4"
+    args = _base(tiny_model("llama"), pairs_file, root / "a", "train.max_steps=12", "train.save_steps=4",
+                 "model.dropout=0.1", "train.save_total_limit=0", "train.log_steps=2", "train.eval_steps=4", "train.precision=auto")
+    cfg = load_config(None, args + ["train.resume_from=auto"])
+    from rewardforge.train import effective_precision
+
+    cfg.train.precision = effective_precision(cfg)  # as setup() resolves it
+    assert config_changes(ckpt, cfg) == ["train.max_steps 8 -> 12"]
+
+
 def test_export_from_checkpoint_matches_the_end_of_run_export(resume_runs, tmp_path):
     root, _, _ = resume_runs
     assert cli_main(["export", str(root / "a/checkpoints/step-8"), str(tmp_path / "exported")]) == 0

@@ -318,7 +318,32 @@ def setup(cfg: Config, *, accelerator=None) -> Run:
         if saved_world != accelerator.num_processes and accelerator.is_main_process:
             print(f"resuming a {saved_world}-process checkpoint with {accelerator.num_processes} processes "
                   f"(global batch {saved_batch} -> {global_batch}); processes without a saved RNG stream get a fresh one")
+        if accelerator.is_main_process:
+            changed = config_changes(ckpt, cfg)
+            print(f"resumed from {ckpt} at step {run.state.step} (epoch {run.state.epoch})"
+                  + (f"; changed since that checkpoint: {', '.join(changed)}" if changed else ""))
     return run
+
+
+def config_changes(ckpt: Path, cfg: Config) -> list[str]:
+    """``key old -> new`` for every setting that differs from the checkpoint's config.yaml (resume_from aside)."""
+    from rewardforge.checkpoint import read_config
+
+    def flat(d: dict, prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k in ("model", "data", "loss", "train", "eval"):
+                out.update(flat(v, f"{k}."))
+            else:
+                out[prefix + k] = v
+        return out
+
+    try:
+        old = flat(read_config(ckpt))
+    except Exception:  # noqa: BLE001 - an unreadable saved config: nothing to compare
+        return []
+    new = flat(cfg.to_dict())
+    return [f"{k} {old[k]!r} -> {new[k]!r}" for k in sorted(new) if k in old and old[k] != new[k] and k != "train.resume_from"]
 
 
 def _load_state(run: Run, ckpt: Path) -> None:
