@@ -97,6 +97,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from rewardforge.imports import import_model
+
+    _check_writable_dir(args.out, "import destination")
+    meta = import_model(args.hf_dir, args.out, template=args.template, pooling=args.pooling, max_length=args.max_length,
+                        truncation=args.truncation, data=args.data or None, attribute_weights=args.attribute_weights)
+    stats = (f"reward mean {meta['reward_mean']:.4f}, std {meta['reward_std']:.4f} over {meta['sequences']} responses"
+             if meta.get("statistics_from") else "no --data: reward mean 0 / std 1 (normalised rewards equal the raw ones)")
+    print(f"imported {args.hf_dir} -> {args.out} ({meta['reward_model_type']}, pooling {meta['pooling']}, template "
+          f"{meta['template']}, max_length {meta['max_length']}); {stats}")
+    print(f"next: rewardforge score {args.out} | rewardforge eval {args.out} --data FILE | rewardforge serve {args.out}")
+    return 0
+
+
 def _read_score_input(fh, name: str) -> list[tuple[int, dict[str, Any]]]:
     from rewardforge.data.readers import DataError
 
@@ -238,6 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="a checkpoint directory (OUTPUT/checkpoints/step-N)")
     e.add_argument("out", help="the model directory to write")
     e.set_defaults(func=cmd_export)
+
+    im = sub.add_parser("import", help="make a Hugging Face reward model (TRL, OpenRLHF, the Hub) a rewardforge model directory",
+                        description="Write a sequence-classification model directory as a rewardforge model directory.")
+    im.add_argument("hf_dir", help="a directory saved with save_pretrained (AutoModelForSequenceClassification)")
+    im.add_argument("out", help="the model directory to write")
+    im.add_argument("--template", default="auto", choices=("auto", "plain", "tokenizer"),
+                    help="how conversations are rendered: the tokenizer's chat template (auto, when it has one) or plain "
+                    "Human:/Assistant: turns; use the format the model was trained on")
+    im.add_argument("--pooling", default="auto", choices=("auto", "last_token", "pooled"), help="where the reward is read")
+    im.add_argument("--max-length", type=_positive_int, default=None, help="tokens the model reads (default: the tokenizer's)")
+    im.add_argument("--truncation", default="prompt_left", choices=("prompt_left", "response_right"))
+    im.add_argument("--data", nargs="+", default=[], metavar="FILE", help="data to measure the reward mean/std on")
+    im.add_argument("--attribute-weights", nargs="+", type=float, default=None, help="several outputs: weights of the combined reward")
+    im.set_defaults(func=cmd_import)
 
     s = sub.add_parser("score", help="score JSONL (prompt/response, messages or text) with an exported model")
     s.add_argument("model_dir")

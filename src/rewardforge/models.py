@@ -339,6 +339,31 @@ def merged_hf_model(model: RewardModel) -> nn.Module:
     return m
 
 
+def _resolve_model_dir(path: Path) -> Path:
+    """A training run's directory resolves to its export; anything else without rewardforge.json says what to run."""
+    if (path / "model" / "rewardforge.json").is_file():  # OUTPUT_DIR of a run: its export
+        return path / "model"
+    if not path.exists():
+        raise ModelError(f"{path} does not exist; give an exported model directory (OUTPUT_DIR/model)")
+    if (path / "trainer_state.json").is_file() and (path / "config.yaml").is_file():
+        raise ModelError(f"{path} is a training checkpoint, not a model directory; export it first: "
+                         f"rewardforge export {path} OUT_DIR")
+    if (path / "checkpoints").is_dir() and (path / "config.yaml").is_file():
+        raise ModelError(f"{path} is a training run without an export (the run did not finish); export its latest "
+                         f"checkpoint: rewardforge export {path}/checkpoints/step-N OUT_DIR")
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            archs = json.loads(config.read_text()).get("architectures") or []
+        except ValueError:
+            archs = []
+        if any(a.endswith("ForSequenceClassification") for a in archs):
+            raise ModelError(f"{path} is a Hugging Face reward model, not yet a rewardforge one; import it: "
+                             f"rewardforge import {path} OUT_DIR [--data FILE to measure its reward mean/std]")
+    raise ModelError(f"{path} is not a rewardforge model directory (no rewardforge.json); export one with "
+                     "`rewardforge export` or import a Hugging Face reward model with `rewardforge import`")
+
+
 def load_reward_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[RewardModel, Any, dict]:
     """Load an exported model directory: (RewardModel, tokenizer, rewardforge.json metadata)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -352,7 +377,8 @@ def load_reward_model(model_dir: str | Path, dtype: torch.dtype = torch.float32)
             raise ModelError(f"{model_dir} does not exist, but an export interrupted while replacing it left the previous "
                              f"one at {old[-1]}; rename it back to {model_dir} or export again")
     if not meta_path.is_file():
-        raise ModelError(f"{model_dir} is not a rewardforge model directory (no rewardforge.json); export one with `rewardforge export`")
+        model_dir = _resolve_model_dir(model_dir)
+        meta_path = model_dir / "rewardforge.json"
     meta = json.loads(meta_path.read_text())
     tok = AutoTokenizer.from_pretrained(model_dir)
     hf = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype)
