@@ -209,13 +209,34 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from rewardforge.eval.report import format_table
     from rewardforge.eval.runner import evaluate_model, parse_field_map, split_models_and_data
 
+    validation_split = False
+    if not args.data and len(args.paths) == 1 and (Path(args.paths[0]) / "config.yaml").is_file() \
+            and (Path(args.paths[0]) / "model" / "rewardforge.json").is_file():
+        # a run directory alone: its validation split (its validation files, or its held-out training prompts)
+        import yaml
+
+        run_cfg = yaml.safe_load((Path(args.paths[0]) / "config.yaml").read_text())["data"]
+        args.data = list(run_cfg.get("validation") or run_cfg["train"])
+        validation_split = not run_cfg.get("validation")
+        print(f"evaluating {args.paths[0]} on its validation split: "
+              + (", ".join(args.data) if not validation_split else f"the held-out prompts of {', '.join(args.data)}"))
     models, data = split_models_and_data(args.paths, args.data)
     result = evaluate_model(
         models, data, args.out, fmt=args.format, field_map=parse_field_map(args.field_map), subset_field=args.subset_field,
         strength_field=args.strength_field, sections=args.sections, skip_bad_rows=args.skip_bad_rows, split=args.split,
         limit=args.limit, batch_size=args.batch_size, device=args.device, n_bins=args.bins, top=args.top, progress=not args.quiet,
+        validation_split=validation_split,
     )
     print(format_table(result))
+    for model, r in result["results"].items():
+        for name, d in r["datasets"].items():
+            o = d.get("training_overlap")
+            if o and o["in_training"]:
+                seen, unseen = o["accuracy_in_training"], o["accuracy_unseen"]
+                print(f"warning: {o['in_training']} of {o['pairs']} pairs of {name} ({o['share_in_training']:.1%}) have a "
+                      f"prompt {model} was trained on: accuracy {seen['accuracy']:.4f} on those, "
+                      + (f"{unseen['accuracy']:.4f} on the {unseen['n']} unseen" if unseen else "no unseen pairs")
+                      + "; evaluate on held-out data (a run's validation split: rewardforge eval RUN_DIR)")
     print(f"\nwrote {os.path.join(args.out, 'report.html')} and metrics.json ({result['seconds']} s)")
     return 0
 

@@ -23,6 +23,8 @@ from rewardforge.faults import fault_point
 from rewardforge.models import RewardModel, merged_hf_model
 
 METADATA_FILE = "rewardforge.json"
+PROMPTS_FILE = "training_prompts.json"  # hashes of the training and validation prompts, never their text
+KEY_CHARS = 16
 FORMAT_VERSION = 1
 
 
@@ -64,6 +66,7 @@ def write_model_dir(
     base_model: str = "",
     save_adapter: bool = False,
     single_reward: bool = True,
+    prompt_fingerprint: dict[str, Any] | None = None,
 ) -> Path:
     """Write the HF directory atomically: a reader never sees a half-written export.
 
@@ -100,6 +103,8 @@ def write_model_dir(
             "input_format": input_format,
             **stats,
         }
+        if prompt_fingerprint is not None:
+            (tmp / PROMPTS_FILE).write_text(json.dumps(prompt_fingerprint) + "\n")
         if len(attributes) > 1 and single_reward:
             meta["single_reward_dir"] = write_single_reward_model(hf, tmp, attribute_weights)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -114,6 +119,14 @@ def write_model_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def prompt_fingerprint(train_keys, validation_keys) -> dict[str, Any]:
+    """The export's record of which prompts it was trained and validated on: truncated SHA-1 hashes of each
+    rendered prompt (``rewardforge.data.datasets.prompt_key``), no text. ``rewardforge eval`` reports the overlap."""
+    short = lambda keys: sorted({k[:KEY_CHARS] for k in keys})  # noqa: E731
+    return {"key": f"sha1 of the rendered prompt, first {KEY_CHARS} hex digits", "train": short(train_keys),
+            "validation": short(validation_keys)}
 
 
 PARITY_PROBES = (

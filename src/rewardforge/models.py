@@ -383,4 +383,5 @@ def load_reward_model(model_dir: str | Path, dtype: torch.dtype = torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
     hf = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype)
     hf.eval()
+    meta["_dir"] = str(model_dir)  # the directory read (a run directory resolves to its export)
     return RewardModel(hf, meta["pooling"]), tok, meta

@@ -146,4 +146,6 @@ def load(model_dir: str | Path, *, device: str | None = None, dtype: torch.dtype
     """Load an exported reward model directory as a :class:`RewardScorer`."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok, meta = load_reward_model(model_dir, dtype=dtype)
-    return RewardScorer(model, tok, meta, device=device, batch_size=batch_size)
+    scorer = RewardScorer(model, tok, meta, device=device, batch_size=batch_size)
+    scorer.model_dir = Path(meta.get("_dir", model_dir))  # where the export's other files are (training_prompts.json)
+    return scorer

@@ -45,7 +45,7 @@ from rewardforge.distributed import (
     shard_model,
 )
 from rewardforge.evaluate import pair_verdict, predict, validation_metrics
-from rewardforge.export import reward_statistics, write_model_dir
+from rewardforge.export import prompt_fingerprint, reward_statistics, write_model_dir
 from rewardforge.faults import fault_point
 from rewardforge.models import load_tokenizer, set_attention
 from rewardforge.packing import PackedPairCollator, check_share_prompt, model_kwargs
@@ -606,6 +606,7 @@ def export_run(run: Run, out_dir: str | Path | None = None, pred: dict[str, Any]
             attributes=output_names(cfg), attribute_weights=attribute_weights(cfg), max_length=cfg.data.max_length,
             truncation=cfg.data.truncation, template=run.template, stats=stats, base_model=cfg.model.name_or_path,
             save_adapter=cfg.model.lora_save_adapter,
+            prompt_fingerprint=prompt_fingerprint(run.train_data.prompt_keys, run.val_data.prompt_keys),
         )
     run.accelerator.wait_for_everyone()
     return path, stats

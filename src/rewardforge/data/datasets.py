@@ -193,8 +193,12 @@ def _load_cache(path: Path):
 # ------------------------------------------------------------------ building
 
 
-def _prompt_key(text: str) -> str:
+def prompt_key(text: str) -> str:
+    """The key of a rendered prompt: what the validation split hashes and exports fingerprint (no text kept)."""
     return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+_prompt_key = prompt_key
 
 
 def _json_safe(extra: dict) -> dict:

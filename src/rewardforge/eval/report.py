@@ -583,6 +583,18 @@ def render_html(result: dict[str, Any], evals: Sequence[Any], figs: _Figures) ->
     if skipped:  # what these data or models cannot show, and how to get it, in one compact block
         body += ('<div id="not-measured"><h2>Not measured</h2>'
                  + "".join(f'<section id="{sid}" class="skip"><b>{_e(t)}</b>{parts[sid]}</section>' for sid, t in skipped) + "</div>")
+    warnings = []
+    for model, r in result["results"].items():
+        for name, d in r["datasets"].items():
+            o = d.get("training_overlap")
+            if o and o["in_training"]:
+                seen, unseen = o["accuracy_in_training"], o["accuracy_unseen"]
+                warnings.append(f"{o['in_training']} of {o['pairs']} pairs of {name} ({o['share_in_training']:.1%}) have a prompt "
+                                f"{model} was trained on: accuracy {seen['accuracy']:.4f} on those"
+                                + (f", {unseen['accuracy']:.4f} on the {unseen['n']} unseen" if unseen else ""))
+    if warnings:
+        body = ('<div class="warn" style="border:2px solid #c33;padding:.5em 1em;margin:1em 0"><b>Training data in the '
+                'evaluation.</b> ' + "<br>".join(_e(w) for w in warnings) + "</div>") + body
     title = "Reward model evaluation: " + ", ".join(models)
     meta = (f"Models: <b>{_e(', '.join(models))}</b><br>Data: {_e(', '.join(d['name'] for d in result['datasets']))}<br>"
             f"rewardforge {_e(result.get('rewardforge_version'))} · {_e(result.get('created'))} · {result.get('seconds')} s")

@@ -273,6 +273,7 @@ class PairScores:
     strength: np.ndarray | None
     strength_field: str | None
     truncated: int
+    prompt_keys: list[str] | None = None  # sha1 of each pair's rendered prompt, as training keys it
 
 
 @dataclass
@@ -335,6 +336,35 @@ def response_lengths(scorer, texts: Sequence[str], starts: Sequence[int]) -> tup
     return np.array(lengths, np.float64), "tokens"
 
 
+def _prompt_keys(scorer, texts: Sequence[str], starts: Sequence[int]) -> list[str]:
+    """The key training gave each prompt (``datasets.prompt_key`` of the rendered prompt as the training tokenizer
+    renders it: without the special tokens an export's template writes and the training tokenizer added)."""
+    from rewardforge.data.datasets import prompt_key
+
+    fmt = getattr(getattr(scorer, "inputs", None), "format", None)
+    lead = fmt.lead if fmt is not None and fmt.written else ""
+    keys = []
+    for t, s in zip(texts, starts):
+        head = t[:s]
+        keys.append(prompt_key(head[len(lead):] if lead and head.startswith(lead) else head))
+    return keys
+
+
+def training_overlap(ps: PairScores, fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    """How many pairs of a dataset the model was trained (or validated) on, and its accuracy on each part."""
+    from rewardforge.export import KEY_CHARS
+
+    train, val = set(fingerprint.get("train", ())), set(fingerprint.get("validation", ()))
+    keys = [k[:KEY_CHARS] for k in ps.prompt_keys or []]
+    seen = np.array([k in train for k in keys], bool)
+    in_val = np.array([k in val for k in keys], bool)
+    n = len(keys)
+    acc = lambda m: M.pairwise_accuracy(ps.chosen[m], ps.rejected[m])  # noqa: E731
+    return {"pairs": n, "in_training": int(seen.sum()), "share_in_training": float(seen.mean()) if n else 0.0,
+            "in_validation": int(in_val.sum()), "accuracy_in_training": acc(seen) if seen.any() else None,
+            "accuracy_unseen": acc(~seen) if (~seen).any() else None}
+
+
 def score_dataset(scorer, ds: EvalDataset, *, subset_field: str | None = None, strength_field: str | None = None,
                   progress: bool = False, desc: str = "") -> tuple[Any, str]:
     """Score one dataset; returns (PairScores | BestOfNScores | RatedScores | None, length unit)."""
@@ -352,7 +382,7 @@ def score_dataset(scorer, ds: EvalDataset, *, subset_field: str | None = None, s
         sf = _pick_strength_field(pairs, strength_field)
         strength = np.array([_strength_of(p, sf) for p in pairs], np.float64) if sf else None
         return PairScores(reward[:n], reward[n:], lengths[:n], lengths[n:], [_group_of(p.extra, subset_field) for p in pairs],
-                          strength, sf, trunc), unit
+                          strength, sf, trunc, _prompt_keys(scorer, texts[:n], starts[:n])), unit
     if ds.kind == "best_of_n":
         items: list[BestOfN] = ds.items
         texts, starts, owner = [], [], []
@@ -508,6 +538,9 @@ def evaluate_scorer(
         if isinstance(res, PairScores):
             unit = u
             metrics["datasets"][ds.name] = pair_dataset_metrics(res, ds.all_groups, n_bins)
+            fingerprint = _fingerprint(scorer)
+            if fingerprint is not None:
+                metrics["datasets"][ds.name]["training_overlap"] = training_overlap(res, fingerprint)
         elif isinstance(res, BestOfNScores):
             metrics["datasets"][ds.name] = best_of_n_metrics(res)
         elif isinstance(res, RatedScores):
@@ -527,6 +560,35 @@ def evaluate_scorer(
             metrics["sections"] = M.section_scores(per_group, mapping)
     metrics["length_unit"] = unit
     return ModelEval(name, metrics, raw, unit, time.perf_counter() - t0)
+
+
+def _keep_validation_pairs(scorer, datasets: Sequence[EvalDataset]) -> None:
+    """Keep, in each pair dataset, only the pairs whose prompt the model's run held out for validation."""
+    from rewardforge.export import KEY_CHARS, PROMPTS_FILE
+
+    fingerprint = _fingerprint(scorer)
+    if fingerprint is None:
+        raise ConfigError(f"{scorer.model_dir} has no {PROMPTS_FILE} (exported by an older rewardforge), so its "
+                          "validation split is not known; pass the data to evaluate with --data")
+    val = set(fingerprint["validation"])
+    for ds in datasets:
+        if ds.kind != "pairs":
+            continue
+        rendered = [_render(scorer, p.prompt, p.chosen, p.where) for p in ds.items]
+        keys = _prompt_keys(scorer, [t for t, _ in rendered], [s for _, s in rendered])
+        ds.items = [p for p, k in zip(ds.items, keys) if k[:KEY_CHARS] in val]
+        if not ds.items:
+            ds.kind = "empty"
+
+
+def _fingerprint(scorer) -> dict[str, Any] | None:
+    """The export's training_prompts.json (None for models without one: older exports, models in memory)."""
+    from rewardforge.export import PROMPTS_FILE
+
+    d = getattr(scorer, "model_dir", None)
+    if d is None or not (Path(d) / PROMPTS_FILE).is_file():
+        return None
+    return json.loads((Path(d) / PROMPTS_FILE).read_text())
 
 
 def evaluate_pairs_during_training(
@@ -759,8 +821,12 @@ def evaluate_model(
     top: int = 10,
     progress: bool = True,
     report: bool = True,
+    validation_split: bool = False,
 ) -> dict[str, Any]:
     """Evaluate one or more exported models on one or more data files.
+
+    ``validation_split``: keep only the pairs whose prompts the first model held out for validation
+    (its ``training_prompts.json``): with a run's training files as data, its validation split.
 
     Writes ``out_dir/metrics.json``, ``out_dir/report.html`` (self-contained) and
     ``out_dir/plots/*.png`` when ``out_dir`` is given. Returns the metrics dictionary (the
@@ -799,6 +865,8 @@ def evaluate_model(
         from rewardforge.config import ensure_writable_dir
 
         ensure_writable_dir(out_dir, "--out")
+    if validation_split:
+        _keep_validation_pairs(load(resolved[0], batch_size=batch_size, device="cpu"), datasets)
     names = _model_names([str(d) for d in dirs])
     evals: list[ModelEval] = []
     for name, d, meta in zip(names, resolved, metas):
