@@ -55,3 +55,25 @@ def test_eval_of_a_run_directory_is_its_validation_split(run_dir, tmp_path, caps
     assert d["overall"]["n"] == summary["final_validation"]["pairs"]
     assert d["overall"]["accuracy"] == pytest.approx(summary["final_validation"]["accuracy"], abs=1e-9)
     assert d["training_overlap"]["in_training"] == 0
+
+
+def test_long_phases_show_progress(run_dir, tiny_model, tmp_path, capsys):
+    """Reading, rendering, tokenizing, validation and evaluation show a bar; eval one bar for the whole run."""
+    from rewardforge.data.datasets import build_dataset, show_progress
+    from rewardforge.eval.runner import evaluate_model
+    from rewardforge.models import load_tokenizer
+
+    run, data, _ = run_dir
+    from rewardforge.data.template import setup_template
+
+    tok = load_tokenizer(str(tiny_model("gpt2")))
+    setup_template(tok, "auto")
+    with show_progress():
+        build_dataset([str(data)], tok, kind="pairs", cache_dir="none")
+    err = capsys.readouterr().err
+    assert "data: read" in err and "data: render" in err
+    build_dataset([str(data)], tok, kind="pairs", cache_dir="none")  # off by default: library calls stay quiet
+    assert capsys.readouterr().err == ""
+    evaluate_model([str(run / "model")], [str(data), str(data)], None, progress=True)
+    err = capsys.readouterr().err
+    assert "eval (1 model(s), 2 file(s))" in err and err.count("seq/s") >= 1

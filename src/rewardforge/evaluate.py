@@ -17,7 +17,7 @@ from rewardforge.packing import model_kwargs
 
 
 @torch.no_grad()
-def predict(model, loader, progress: bool = False) -> dict[str, np.ndarray]:
+def predict(model, loader, progress: bool = False, desc: str = "validate") -> dict[str, np.ndarray]:
     """Model outputs for every example of ``loader``, in dataset order.
 
     Returns for pair batches ``{"chosen": [n, N], "rejected": [n, N], "index": [n]}`` and for rated
@@ -28,7 +28,7 @@ def predict(model, loader, progress: bool = False) -> dict[str, np.ndarray]:
     was_training = model.training
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {}
-    for batch in tqdm(loader, desc="validate", disable=not progress, leave=False):
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         out = model(batch["input_ids"], batch["attention_mask"], **model_kwargs(batch))
         if "margin" in batch:  # pair batch: chosen rows first, then rejected rows
             b = out.shape[0] // 2

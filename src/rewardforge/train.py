@@ -33,7 +33,7 @@ from rewardforge.checkpoint import (
 )
 from rewardforge.config import Config, ConfigError, config_from_dict, ensure_writable_dir
 from rewardforge.data.batching import BatchSampler
-from rewardforge.data.datasets import DataReport, split_by_prompt
+from rewardforge.data.datasets import DataReport, show_progress, split_by_prompt
 from rewardforge.data.readers import DataError
 from rewardforge.data.template import setup_template
 from rewardforge.distributed import (
@@ -76,6 +76,7 @@ class Run:
     resumed_from: str | None = None
     stop_signal: str | None = None
     precision_reason: str = ""
+    progress: bool = False  # progress bars for the phases that take time (validation, export statistics)
     extra_eval: list = field(default_factory=list)  # eval.datasets, loaded once (main process)
     strategy: str = "single"  # single, ddp or fsdp (rewardforge.distributed)
     master: MasterWeights | None = None  # train.precision=bf16_master on one process
@@ -96,8 +97,10 @@ class Run:
         return getattr(self.scheduler, "scheduler", self.scheduler)
 
 
-def predict_sharded(run: "Run", data) -> dict[str, Any]:
+def predict_sharded(run: "Run", data, desc: str = "validate") -> dict[str, Any]:
     """Model outputs for every example of ``data``: each process scores its share, rank 0 gets them all.
+
+    With ``run.progress`` the main process shows a bar (``desc``) over its batches.
 
     Examples are sharded by batch, never padded with duplicates, so metrics count each example once.
     """
@@ -115,7 +118,7 @@ def predict_sharded(run: "Run", data) -> dict[str, Any]:
     with acc.autocast(), run.compute():
         # The unwrapped module: DDP's forward broadcasts buffers, a collective that processes
         # with fewer validation batches would never join.
-        pred = predict(run.bare_model(), loader)
+        pred = predict(run.bare_model(), loader, progress=run.progress and acc.is_main_process, desc=desc)
     if acc.num_processes > 1:
         from accelerate.utils import gather_object
 
@@ -590,7 +593,7 @@ def export_run(run: Run, out_dir: str | Path | None = None, pred: dict[str, Any]
     """
     cfg = run.cfg
     if pred is None:
-        pred = predict_sharded(run, run.val_data)
+        pred = predict_sharded(run, run.val_data, desc="export statistics")
     stats = reward_statistics(pred, attribute_weights(cfg))
     stats["reward_stats_source"] = f"validation set ({stats['sequences']} sequences)"
     path = Path(out_dir or Path(cfg.output_dir) / "model")
@@ -618,7 +621,9 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
     out = Path(cfg.output_dir)
     existed = out.exists()
     try:
-        run = setup(cfg)
+        with show_progress(progress):
+            run = setup(cfg)
+        run.progress = progress
     except BaseException:
         if not existed and out.is_dir() and not any(out.iterdir()):  # a run that never started leaves no empty folder
             out.rmdir()
@@ -638,7 +643,7 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
                   f"grads+AdamW {memory['grads_and_optimizer_gib']:.2f}, activations {memory['activations_gib']:.2f})")
     with _stop_on_signals(run):
         timing = train(run, progress=progress)
-    final_pred = predict_sharded(run, run.val_data)  # used for the final metrics and the export's statistics
+    final_pred = predict_sharded(run, run.val_data, desc="final validation")  # the final metrics and the export's statistics
     final = validation_metrics(final_pred, output_names(cfg), attribute_weights(cfg))
     _log(run, {"step": run.state.step, "epoch": run.state.epoch, "split": "validation", "final": True, **final})
     extra = evaluate_extra(run)

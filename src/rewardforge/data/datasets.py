@@ -7,6 +7,8 @@ tokenizer, the template, the format and the truncation settings.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 import os
@@ -193,6 +195,26 @@ def _load_cache(path: Path):
 # ------------------------------------------------------------------ building
 
 
+_PROGRESS: "contextvars.ContextVar[bool]" = contextvars.ContextVar("rewardforge_data_progress", default=False)
+
+
+@contextlib.contextmanager
+def show_progress(on: bool = True):
+    """Inside, :func:`build_dataset` shows progress bars for its phases (reading, rendering, tokenizing)."""
+    token = _PROGRESS.set(bool(on))
+    try:
+        yield
+    finally:
+        _PROGRESS.reset(token)
+
+
+def _bar(total: int | None, desc: str, unit: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not _PROGRESS.get(), leave=False, dynamic_ncols=True,
+                mininterval=1.0)
+
+
 def prompt_key(text: str) -> str:
     """The key of a rendered prompt: what the validation split hashes and exports fingerprint (no text kept)."""
     return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
@@ -274,7 +296,14 @@ def build_dataset(
     renderer = TextRenderer(tokenizer)
     ends = InputFormat.of(tokenizer).ends  # what truncation keeps: the same rule as scoring and serving
     stats = TruncationStats()
-    examples = list(parse_rows(rows(), fmt, attributes=attributes, skip_bad_rows=skip_bad_rows, field_map=field_map, report=parse_report))
+    with _bar(None, "data: read", "rows") as bar:
+        def counted():
+            for row in rows():
+                bar.update(1)
+                yield row
+
+        examples = list(parse_rows(counted(), fmt, attributes=attributes, skip_bad_rows=skip_bad_rows, field_map=field_map,
+                                   report=parse_report))
     want = PreferencePair if kind == "pairs" else RatedResponse
     for ex in examples:
         if not isinstance(ex, want):
@@ -287,7 +316,7 @@ def build_dataset(
     if kind == "pairs":
         texts_c, texts_r, starts_c, starts_r, keys, margins, extras = [], [], [], [], [], [], []
         seen: set[tuple[str, str]] = set()
-        for ex in examples:
+        for ex in _iter_bar(examples, "data: render", "pairs"):
             tc, sc, tr, sr = renderer.render_pair(ex.prompt, ex.chosen, ex.rejected, ex.where)
             if tc == tr:
                 report.exclude("identical_texts")
@@ -303,7 +332,7 @@ def build_dataset(
         # chosen and rejected side by side: a pair's shared prompt is tokenized once where that is exact
         texts, starts = [None] * (2 * len(texts_c)), [0] * (2 * len(texts_c))
         texts[0::2], texts[1::2], starts[0::2], starts[1::2] = texts_c, texts_r, starts_c, starts_r
-        ids, _ = tokenize_texts(tokenizer, texts, starts, max_length, truncation, stats, ends=ends)
+        ids = _tokenize_with_bar(tokenizer, texts, starts, max_length, truncation, stats, ends)
         ids_c, ids_r = ids[0::2], ids[1::2]
         keep = []
         for i, (a, b) in enumerate(zip(ids_c, ids_r)):
@@ -315,12 +344,12 @@ def build_dataset(
     else:
         attributes = list(attributes or [])
         texts, starts, keys, labels, extras = [], [], [], [], []
-        for ex in examples:
+        for ex in _iter_bar(examples, "data: render", "rows"):
             t, s = renderer.render(ex.prompt, ex.response, ex.where)
             texts.append(t), starts.append(s), keys.append(_prompt_key(t[:s] if s else t))
             labels.append([np.nan if ex.labels[a] is None else ex.labels[a] for a in attributes])
             extras.append(_json_safe(ex.extra))
-        ids, _ = tokenize_texts(tokenizer, texts, starts, max_length, truncation, stats, ends=ends)
+        ids = _tokenize_with_bar(tokenizer, texts, starts, max_length, truncation, stats, ends)
         ds = RatedDataset(ids, np.asarray(labels, np.float32).reshape(len(ids), len(attributes)), keys, extras, attributes)
 
     report.rows_read = parse_report.rows_read
@@ -332,6 +361,26 @@ def build_dataset(
         _save_cache(cache_path, ds, report)
     report.seconds = time.perf_counter() - t0
     return ds, report
+
+
+def _iter_bar(items: list, desc: str, unit: str):
+    with _bar(len(items), desc, unit) as bar:
+        for it in items:
+            yield it
+            bar.update(1)
+
+
+def _tokenize_with_bar(tokenizer, texts, starts, max_length, truncation, stats, ends, chunk: int = 8192) -> list:
+    """``tokenize_texts`` in chunks (the same ids: tokenization is per text), with a bar over the sequences."""
+    if not _PROGRESS.get() or len(texts) <= chunk:
+        return tokenize_texts(tokenizer, texts, starts, max_length, truncation, stats, ends=ends)[0]
+    out: list = []
+    with _bar(len(texts), "data: tokenize", "seq") as bar:
+        for a in range(0, len(texts), chunk):
+            out += tokenize_texts(tokenizer, texts[a : a + chunk], starts[a : a + chunk], max_length, truncation, stats,
+                                  ends=ends)[0]
+            bar.update(len(texts[a : a + chunk]))
+    return out
 
 
 def split_by_prompt(ds, fraction: float, seed: int = 0):

@@ -112,6 +112,8 @@ class TextRenderer:
         self.tokenizer = tokenizer
         self._strip_bos = tokenizer.bos_token if _adds_bos(tokenizer) else None
         self.fast = fast_paths_enabled() if fast is None else bool(fast)
+        self._wrap_seen: object = object()  # the template _wrap was read from (re-read when it changes)
+        self._wrap = None
 
     def _wrapped(self):
         """(base template, lead, trail) of an export's template (rewardforge.data.inputs.wrap_template), or None."""

@@ -299,6 +299,9 @@ def _render(scorer, prompt, response, where: str) -> tuple[str, int]:
     return scorer.render(prompt, response)
 
 
+_OVERALL: list = []  # the one bar of a whole evaluation (every model, every file), when evaluate_model shows one
+
+
 def _score_all(scorer, texts: list[str], starts: list[int], *, progress: bool, desc: str) -> tuple[np.ndarray, np.ndarray, int]:
     """Rewards ``[n]`` and outputs ``[n, N]`` of every text; chunks of similar length (little padding)."""
     from tqdm.auto import tqdm
@@ -309,7 +312,9 @@ def _score_all(scorer, texts: list[str], starts: list[int], *, progress: bool, d
     truncated = 0
     order = np.argsort([-len(t) for t in texts], kind="stable")
     chunk = max(1, int(getattr(scorer, "batch_size", 16)) * 8)
-    with tqdm(total=n, desc=desc, unit="seq", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+    overall = _OVERALL[-1] if _OVERALL else None
+    with tqdm(total=n, desc=desc, unit="seq", disable=not progress or overall is not None, leave=False,
+              dynamic_ncols=True) as bar:
         for s in range(0, n, chunk):
             idx = order[s : s + chunk]
             sc = scorer.score_rendered([texts[i] for i in idx], [starts[i] for i in idx])
@@ -320,6 +325,9 @@ def _score_all(scorer, texts: list[str], starts: list[int], *, progress: bool, d
             outputs[idx] = out
             truncated += int(np.asarray(getattr(sc, "truncated", np.zeros(len(idx), bool))).sum())
             bar.update(len(idx))
+            if overall is not None:
+                overall.set_postfix_str(desc, refresh=False)
+                overall.update(len(idx))
     return reward, outputs if outputs is not None else np.zeros((0, 1)), truncated
 
 
@@ -869,15 +877,26 @@ def evaluate_model(
         _keep_validation_pairs(load(resolved[0], batch_size=batch_size, device="cpu"), datasets)
     names = _model_names([str(d) for d in dirs])
     evals: list[ModelEval] = []
-    for name, d, meta in zip(names, resolved, metas):
-        scorer = load(d, batch_size=batch_size, device=device)
-        ev = evaluate_scorer(scorer, datasets, name=name, subset_field=subset_field, strength_field=strength_field,
-                             sections=sections, n_bins=n_bins, progress=progress)
-        for ds in datasets:
-            if isinstance(ev.raw.get(ds.name), PairScores):
-                ev.metrics["datasets"][ds.name]["worst_mistakes"] = worst_mistakes(ev.raw[ds.name], ds.items, top=5)
-        evals.append(ev)
-        del scorer
+    from tqdm.auto import tqdm
+
+    per_model = sum(2 * len(ds.items) if ds.kind == "pairs" else sum(len(it.responses) for it in ds.items)
+                    if ds.kind == "best_of_n" else len(ds.items) if ds.kind == "rated" else 0 for ds in datasets)
+    overall = tqdm(total=per_model * len(dirs), desc=f"eval ({len(dirs)} model(s), {len(datasets)} file(s))", unit="seq",
+                   disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    _OVERALL.append(overall)  # one bar, one ETA for the whole evaluation
+    try:
+        for name, d, meta in zip(names, resolved, metas):
+            scorer = load(d, batch_size=batch_size, device=device)
+            ev = evaluate_scorer(scorer, datasets, name=name, subset_field=subset_field, strength_field=strength_field,
+                                 sections=sections, n_bins=n_bins, progress=progress)
+            for ds in datasets:
+                if isinstance(ev.raw.get(ds.name), PairScores):
+                    ev.metrics["datasets"][ds.name]["worst_mistakes"] = worst_mistakes(ev.raw[ds.name], ds.items, top=5)
+            evals.append(ev)
+            del scorer
+    finally:
+        _OVERALL.remove(overall)
+        overall.close()
     result: dict[str, Any] = {
         "rewardforge_version": rewardforge.__version__,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
