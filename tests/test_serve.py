@@ -543,6 +543,15 @@ def test_health_metrics_and_openapi(binary_server):
         for line in text.splitlines():  # every sample line is "name{labels} number"
             if line and not line.startswith("#"):
                 float(line.rsplit(" ", 1)[1])
+        # scraped with prometheus_client's own text parser: the same names and labels, the standard collectors
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert families["rewardforge_requests"].type == "counter"
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for s in families["rewardforge_requests"].samples}
+        assert samples[("rewardforge_requests_total", (("route", "/v1/score"), ("status", "200")))] >= 1
+        assert families["rewardforge_batch_size"].type == "histogram" and families["rewardforge_queue_depth"].type == "gauge"
+        assert {"process_resident_memory_bytes", "python_info"} <= {s.name for f in families.values() for s in f.samples}
         spec = c.get("/openapi.json").json()
         assert {"/v1/score", "/get_reward", "/health", "/metrics", "/v2/models/{name}/infer"} <= set(spec["paths"])
         assert "ScoreRequest" in spec["components"]["schemas"]
