@@ -77,3 +77,22 @@ def test_long_phases_show_progress(run_dir, tiny_model, tmp_path, capsys):
     evaluate_model([str(run / "model")], [str(data), str(data)], None, progress=True)
     err = capsys.readouterr().err
     assert "eval (1 model(s), 2 file(s))" in err and err.count("seq/s") >= 1
+
+
+def test_the_export_has_a_model_card_the_hub_reads_and_eval_adds_its_table(run_dir, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    run, data, summary = run_dir
+    card = ModelCard.load(run / "model" / "README.md")
+    d = card.data.to_dict()
+    assert d["library_name"] == "transformers" and d["pipeline_tag"] == "text-classification"
+    assert set(d["tags"]) >= {"reward-model", "rlhf"} and d["base_model"]
+    acc = d["model-index"][0]["results"][0]["metrics"][0]
+    assert acc["type"] == "accuracy" and acc["value"] == round(summary["final_validation"]["accuracy"], 4)
+    assert "rewardforge serve PATH" in card.text and "truncation `prompt_left`" in card.text
+    assert f"{summary['data']['train_examples']} train / {summary['data']['validation_examples']} validation" in card.text
+    for _ in range(2):  # added once, then replaced, never duplicated
+        assert main(["eval", str(run / "model"), "--data", str(data), "--out", str(tmp_path / "e"), "--quiet", "--update-card"]) == 0
+    text = (run / "model" / "README.md").read_text()
+    assert text.count("## Evaluation") == 1 and "| pairs |" in text
+    assert ModelCard.load(run / "model" / "README.md").data.to_dict()["library_name"] == "transformers"

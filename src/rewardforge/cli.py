@@ -237,6 +237,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       f"prompt {model} was trained on: accuracy {seen['accuracy']:.4f} on those, "
                       + (f"{unseen['accuracy']:.4f} on the {unseen['n']} unseen" if unseen else "no unseen pairs")
                       + "; evaluate on held-out data (a run's validation split: rewardforge eval RUN_DIR)")
+    if args.update_card:
+        from rewardforge.model_card import add_eval_table
+
+        for m in result["models"]:
+            card = add_eval_table(m["path"], result, m["name"])
+            print(f"added the evaluation table to {card}")
     print(f"\nwrote {os.path.join(args.out, 'report.html')} and metrics.json ({result['seconds']} s)")
     return 0
 
@@ -314,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("paths", nargs="+", metavar="MODEL_DIR", help="exported model directories (or training output dirs); "
                     "without --data, the data files follow them")
     ev.add_argument("--data", nargs="+", default=[], metavar="FILE", help="data files (.jsonl/.json/.parquet[.gz]), globs or datasets")
+    ev.add_argument("--update-card", action="store_true", help="add the evaluation table to each model's README.md (model card)")
     ev.add_argument("--out", default="runs/eval", help="output directory (default: runs/eval)")
     ev.add_argument("--format", default="auto", help="row format (default: detected per file); also best_of_n")
     ev.add_argument("--field-map", action="append", default=[], metavar="OURS=THEIRS[,...]", help="rename columns, e.g. prompt=question")

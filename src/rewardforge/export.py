@@ -67,6 +67,7 @@ def write_model_dir(
     save_adapter: bool = False,
     single_reward: bool = True,
     prompt_fingerprint: dict[str, Any] | None = None,
+    card_info: dict[str, Any] | None = None,
 ) -> Path:
     """Write the HF directory atomically: a reader never sees a half-written export.
 
@@ -108,6 +109,10 @@ def write_model_dir(
         if len(attributes) > 1 and single_reward:
             meta["single_reward_dir"] = write_single_reward_model(hf, tmp, attribute_weights)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        from rewardforge.model_card import write_card
+
+        write_card(tmp, meta, name=out_dir.name if out_dir.name != "model" else out_dir.parent.name or "model",
+                   **(card_info or {}))
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")

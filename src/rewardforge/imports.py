@@ -94,6 +94,9 @@ def import_model(
     else:
         meta["statistics_from"] = None  # mean 0 / std 1: normalised rewards are the raw ones
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+    from rewardforge.model_card import write_card
+
+    write_card(out, meta, name=Path(out).name)
     return meta
 
 

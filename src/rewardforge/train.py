@@ -610,6 +610,8 @@ def export_run(run: Run, out_dir: str | Path | None = None, pred: dict[str, Any]
             truncation=cfg.data.truncation, template=run.template, stats=stats, base_model=cfg.model.name_or_path,
             save_adapter=cfg.model.lora_save_adapter,
             prompt_fingerprint=prompt_fingerprint(run.train_data.prompt_keys, run.val_data.prompt_keys),
+            card_info={"validation": validation_metrics(pred, output_names(cfg), attribute_weights(cfg)) if pred else None,
+                       "data": run.data_reports, "sources": list(cfg.data.train)},
         )
     run.accelerator.wait_for_everyone()
     return path, stats
