@@ -262,3 +262,11 @@ def test_best_of_n_rows_are_checked_like_training_data(tmp_path):
     renamed = write_jsonl(tmp_path / "renamed.jsonl", [{"question": "Q?", "answers": ["a", "b", "c"], "winner": 2}])
     ds = load_eval_data([str(renamed)], field_map={"prompt": "question", "responses": "answers", "best": "winner"})[0]
     assert ds.kind == "best_of_n" and ds.items[0].best == 2
+
+
+def test_the_report_headline_says_whether_the_accuracy_is_a_result():
+    from rewardforge.eval.report import verdict
+
+    assert verdict({"ci_low": 0.489, "ci_high": 0.556}, 0.547).startswith("not distinguishable from chance; within the interval")
+    assert verdict({"ci_low": 0.61, "ci_high": 0.67}, 0.55) == "better than chance; above the pick-the-longer-response baseline (55.0%)"
+    assert verdict({"ci_low": 0.52, "ci_high": 0.58}, 0.908).endswith("below the pick-the-longer-response baseline (90.8%)")

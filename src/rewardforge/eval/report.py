@@ -200,6 +200,18 @@ def format_table(result: dict[str, Any]) -> str:
 # ------------------------------------------------------------------ HTML sections
 
 
+def verdict(overall: dict[str, Any], longer: float | None) -> str:
+    """The headline: is this accuracy a result? (chance: the 95% interval vs 0.5; the pick-the-longer baseline)."""
+    lo, hi = overall.get("ci_low"), overall.get("ci_high")
+    if lo is None:
+        return ""
+    chance = "better than chance" if lo > 0.5 else ("worse than chance" if hi < 0.5 else "not distinguishable from chance")
+    if longer is None:
+        return chance
+    rel = "above" if lo > longer else ("below" if hi < longer else "within the interval of")
+    return f"{chance}; {rel} the pick-the-longer-response baseline ({_pct(longer)})"
+
+
 def _accuracy_section(result, evals, figs) -> str:
     models = [m["name"] for m in result["models"]]
     rows = pair_rows(result)
@@ -214,8 +226,10 @@ def _accuracy_section(result, evals, figs) -> str:
         r = result["results"][m]
         st = (r.get("pooled") or next((v for v in r["datasets"].values() if v.get("kind") == "pairs"), {})).get("overall")
         if st and st.get("n"):
+            ds = r.get("pooled") or next((v for v in r["datasets"].values() if v.get("kind") == "pairs"), {})
             cards.append(f'<div class="card"><div class="k">{_e(m)}</div><div class="v">{_pct(st["accuracy"])}</div>'
-                         f'<div class="k">{st["n"]} pairs, CI {_ci(st)}%</div></div>')
+                         f'<div class="k">{st["n"]} pairs, CI {_ci(st)}%</div>'
+                         f'<div class="k verdict">{_e(verdict(st, (ds.get("length") or {}).get("longer_baseline")))}</div></div>')
     out.append(f'<div class="cards">{"".join(cards)}</div>')
     head = "<tr><th class=l>dataset</th><th class=l>subset</th><th>pairs</th>"
     for m in models:
@@ -299,6 +313,11 @@ def _calibration_section(result, evals, figs) -> str:
     out.append(f"<table>{head}{''.join(body)}</table>")
     for n in names:
         cals = [result["results"][m]["datasets"][n]["calibration"] for m in models]
+        used = max(sum(1 for b in c.get("bins", []) if b["n"]) for c in cals)
+        if used < 2:  # every margin in one confidence bin: a diagram of one point says nothing the table does not
+            out.append(f"<h3>{_e(n)}</h3><p class='na'>Reliability diagram not drawn: every margin falls in one confidence "
+                       "bin (rewards barely differ between the two sides), so it would be a single point.</p>")
+            continue
         out.append(f"<h3>{_e(n)}</h3>" + figs.img(f"calibration_{n}", plots.reliability(cals, models), f"reliability diagram {n}"))
     return "\n".join(out)
 
