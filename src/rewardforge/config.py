@@ -99,6 +99,7 @@ class TrainConfig:
     save_total_limit: int = _f(2, "Keep at most this many checkpoints (0 keeps all).")
     resume_from: str = _f("", "Checkpoint directory to resume from, or 'auto' for the latest complete one in output_dir.")
     log_steps: int = _f(10, "Append training metrics to metrics.jsonl every N optimizer steps.")
+    report_to: list[str] = _f([], "Experiment trackers (through accelerate) that get every metric metrics.jsonl gets, with the same names (split/metric) and steps, plus the resolved config and the data report as hyperparameters, from the main process: tensorboard, wandb, mlflow, or none; each an optional extra (pip install 'rewardforge[tensorboard]'). They write under output_dir/trackers (wandb and mlflow: unless WANDB_DIR / MLFLOW_TRACKING_URI say otherwise).")
     eval_batch_size: int = _f(0, "Pairs per validation batch (0: 2 x batch_size).")
     threads: int = _f(0, "torch CPU threads (0 keeps torch's default).")
     nonfinite: str = _f("stop", "On a NaN/inf loss or gradient: stop (keeping the last checkpoint) or skip the optimizer step.")
@@ -130,6 +131,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow", "none")
+
 _CHOICES = {
     ("model", "pooling"): ("auto", "last_token", "pooled"),
     ("data", "truncation"): ("prompt_left", "response_right"),
@@ -146,6 +149,9 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
             raise ConfigError(f"{section}.{key}={value!r} is not valid; choose one of {', '.join(choices)}")
+    for t in cfg.train.report_to:
+        if t not in TRACKERS:
+            raise ConfigError(f"train.report_to has {t!r}; choose from {', '.join(TRACKERS)}")
     positive = [("train", "batch_size"), ("train", "gradient_accumulation_steps"), ("data", "max_length")]
     for section, key in positive:
         if getattr(getattr(cfg, section), key) <= 0:
@@ -258,7 +264,7 @@ FOREIGN_NAMES = {
     "pretrain": "model.name_or_path",
     "max_len": "data.max_length",
     "dataset": "data.train",
-    "report_to": "metrics.jsonl in output_dir (trackers are not supported yet)",
+    "report_to": "train.report_to",
 }
 
 

@@ -77,6 +77,7 @@ class Run:
     stop_signal: str | None = None
     precision_reason: str = ""
     progress: bool = False  # progress bars for the phases that take time (validation, export statistics)
+    trackers: bool = False  # train.report_to trackers were started (accelerate's init_trackers)
     extra_eval: list = field(default_factory=list)  # eval.datasets, loaded once (main process)
     strategy: str = "single"  # single, ddp or fsdp (rewardforge.distributed)
     master: MasterWeights | None = None  # train.precision=bf16_master on one process
@@ -227,7 +228,74 @@ def _make_accelerator(cfg: Config):
         AcceleratorState._reset_state(reset_partial_state=True)
     # cpu=True is what makes accelerate use gloo for several CPU processes under torchrun.
     # The scheduler steps once per optimizer step: our global batch is already split across processes.
-    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+    from accelerate.utils import ProjectConfiguration
+
+    trackers = trackers_of(cfg)
+    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=str(Path(cfg.output_dir) / "trackers"))
+    return Accelerator(mixed_precision=precision, cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False,
+                       log_with=trackers or None, project_config=project)
+
+
+# the package each tracker needs, and the extra that installs it
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"), "mlflow": ("mlflow", "mlflow")}
+
+
+def trackers_of(cfg: Config) -> list[str]:
+    """``train.report_to`` without ``none``; a tracker whose package is missing is an error naming the extra."""
+    import importlib.util
+
+    out = [t for t in cfg.train.report_to if t != "none"]
+    for t in out:
+        module, extra = TRACKER_PACKAGES[t]
+        if importlib.util.find_spec(module) is None:
+            raise ConfigError(f"train.report_to has {t!r} but the {module} package is not installed; install it with "
+                              f"pip install 'rewardforge[{extra}]' (or drop {t} from train.report_to)")
+    return out
+
+
+def _hparams(cfg: Config, reports: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config and the data report as flat scalar hyperparameters (what every tracker stores)."""
+    out: dict[str, Any] = {}
+
+    def put(prefix: str, v: Any) -> None:
+        if isinstance(v, dict):
+            for k, x in v.items():
+                put(f"{prefix}.{k}" if prefix else str(k), x)
+        elif isinstance(v, (bool, int, float, str)) or v is None:
+            out[prefix] = "" if v is None else v
+        else:
+            out[prefix] = json.dumps(v, default=str)
+
+    put("", cfg.to_dict())
+    for k in ("train_examples", "validation_examples"):
+        out[f"data_report.{k}"] = reports.get(k, 0)
+    tr = reports.get("train", {})
+    out["data_report.rows_read"] = tr.get("rows_read", 0)
+    out["data_report.skipped_bad_rows"] = tr.get("skipped_bad_rows", 0)
+    for reason, n in (tr.get("excluded") or {}).items():
+        out[f"data_report.excluded.{reason}"] = n
+    for k, n in (tr.get("truncation") or {}).items():
+        out[f"data_report.truncation.{k}"] = n
+    return out
+
+
+def _start_trackers(run: "Run") -> None:
+    cfg, acc = run.cfg, run.accelerator
+    trackers = trackers_of(cfg)
+    if not trackers:
+        return
+    logdir = Path(cfg.output_dir) / "trackers"
+    if "mlflow" in trackers and not os.environ.get("MLFLOW_TRACKING_URI") and acc.is_main_process:
+        import mlflow
+
+        # a local file store under output_dir (MLflow 3 asks for an opt-in to it; a database needs a server's packages)
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        mlflow.set_tracking_uri((logdir / "mlruns").resolve().as_uri())
+    init = {"wandb": {"dir": os.environ.get("WANDB_DIR", str(logdir))}} if "wandb" in trackers else {}
+    if acc.is_main_process:
+        logdir.mkdir(parents=True, exist_ok=True)
+    acc.init_trackers(Path(cfg.output_dir).name or "rewardforge", config=_hparams(cfg, run.data_reports), init_kwargs=init)
+    run.trackers = True
 
 
 def setup(cfg: Config, *, accelerator=None) -> Run:
@@ -303,6 +371,7 @@ def setup(cfg: Config, *, accelerator=None) -> Run:
               collate, total, steps_per_epoch, reports, strategy=strategy, precision_reason=why_precision)
     if cfg.train.precision == "bf16_master" and strategy == "single":
         run.master = MasterWeights(run.bare_model(), keep_fp32=(run.bare_model().head(),))
+    _start_trackers(run)
     if cfg.eval.datasets and accelerator.is_main_process:
         from rewardforge.eval.runner import load_eval_data
 
@@ -369,9 +438,22 @@ def _load_state(run: Run, ckpt: Path) -> None:
 
 
 def _log(run: Run, record: dict[str, Any]) -> None:
+    """One record to metrics.jsonl, and its numbers to the trackers (``split/name`` at the record's step)."""
     if run.accelerator.is_main_process:
         with open(Path(run.cfg.output_dir) / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
+    if run.trackers:
+        split = record.get("split", "train")
+        values: dict[str, float] = {}
+        for k, v in record.items():
+            if k in ("step", "split", "final"):
+                continue
+            if isinstance(v, dict):  # per-attribute or per-dataset metrics: one level down
+                values.update({f"{split}/{k}/{a}": float(x) for a, x in v.items()
+                               if isinstance(x, (int, float)) and not isinstance(x, bool)})
+            elif isinstance(v, (int, float)) and not isinstance(v, bool):
+                values[f"{split}/{k}"] = float(v)
+        run.accelerator.log(values, step=int(record.get("step", 0)))
 
 
 def validate(run: Run) -> dict[str, Any]:
@@ -694,6 +776,8 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
     summary["examples_per_second"] = run.state.examples_seen / max(timing["train_seconds"], 1e-9)
     if acc.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if run.trackers:
+        acc.end_training()
     return summary
 
 
