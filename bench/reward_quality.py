@@ -147,6 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--quick", action="store_true", help="600 train / 200 validation pairs")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--reuse", action="store_true", help="reuse runs already in --workdir (its result_TAG.json files)")
     ap.add_argument("--out", default=str(tvt.ROOT / "runs" / "bench" / "reward_quality.json"))
     args = ap.parse_args(argv)
 
@@ -177,13 +178,20 @@ def main(argv=None) -> int:
     models: dict[str, dict] = {}
     runs: dict[str, dict] = {}
     t0 = time.perf_counter()
+    def run(name: str, spec: dict, tag: str) -> dict:
+        done = workdir / f"result_{tag}.json"
+        if args.reuse and done.is_file():
+            print(f"  [{tag}] reused from {done}", flush=True)
+            return json.loads(done.read_text())
+        return tvt.run_worker(name, spec, workdir, tag=tag)
+
     for seed in args.seeds:
         spec = dict(base, seed=seed)
         kept_file = None
         if not args.skip_trl:
             tag = f"trl_s{seed}"
-            res = tvt.run_worker("trl", dict(spec, trl_defaults=False, trl_attn=None, trl_output_dir=str(workdir / f"{tag}_out"),
-                                             save_dir=str(workdir / tag)), workdir, tag=tag)
+            res = run("trl", dict(spec, trl_defaults=False, trl_attn=None, trl_output_dir=str(workdir / f"{tag}_out"),
+                                  save_dir=str(workdir / tag)), tag)
             models[tag] = {"kind": "trl", "dir": res["save_dir"], "variant": "trl", "seed": seed}
             runs[tag] = {k: v for k, v in res.items() if k != "kept_pair_ids"}
             kept_file = workdir / f"train_trl_kept_s{seed}.jsonl"
@@ -197,7 +205,7 @@ def main(argv=None) -> int:
                      extra_overrides=over)
             if v == "drop_over_length":
                 s["train_file"] = str(kept_file)
-            res = tvt.run_worker("rewardforge", s, workdir, tag=tag)
+            res = run("rewardforge", s, tag)
             models[tag] = {"kind": "rf", "dir": res["export_dir"], "variant": v, "seed": seed}
             runs[tag] = res
     print("scoring every model on the same validation pairs ...", flush=True)

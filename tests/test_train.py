@@ -78,6 +78,8 @@ def test_checkpoints_metrics_and_summary_files(resume_runs):
     assert v["accuracy"] == summary["final_validation"]["accuracy"] and v["pairs"] == summary["final_validation"]["pairs"]
     assert v["ci95"][0] <= v["accuracy"] <= v["ci95"][1] and 0.0 <= v["length_baseline"]["accuracy"] <= 1.0
     assert summary["next"]["serve"] == f"rewardforge serve {root / 'a/model'} --port 8000"
+    (fmt,) = summary["data_formats"].values()  # the detected row format of the one training file
+    assert fmt.endswith("(detected)")
 
 
 def test_pair_verdict_on_hand_computed_numbers():

@@ -756,6 +756,7 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
         "resumed_from": run.resumed_from,
         "final_validation": final,
         "validation_verdict": verdict,
+        "data_formats": run.data_reports["train"].get("formats", {}),
         "final_eval": extra,
         "data": run.data_reports,
         "memory_estimate": memory,
@@ -790,6 +791,9 @@ def _print_data(run: Run) -> None:
         f"bad rows skipped {tr['skipped_bad_rows']}; truncated sequences: prompt {tr['truncation'].get('truncated_prompt', 0)}, "
         f"response {tr['truncation'].get('truncated_response', 0)}"
     )
+    formats = sorted(set((tr.get("formats") or {}).values()))
+    if formats:
+        print(f"data format: {', '.join(formats)}")
     n_val = r["validation_examples"]
     if n_val < 100:
         print(f"warning: only {n_val} validation examples: an accuracy measured on them has a 95% interval about "

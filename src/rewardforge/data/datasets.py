@@ -41,6 +41,7 @@ class DataReport:
     bad_row_messages: list[str] = field(default_factory=list)
     excluded: dict[str, int] = field(default_factory=dict)
     truncation: dict[str, int] = field(default_factory=dict)
+    formats: dict[str, str] = field(default_factory=dict)  # each source's row format (detected or data.format)
     from_cache: bool = False
     seconds: float = 0.0
 
@@ -353,6 +354,7 @@ def build_dataset(
         ds = RatedDataset(ids, np.asarray(labels, np.float32).reshape(len(ids), len(attributes)), keys, extras, attributes)
 
     report.rows_read = parse_report.rows_read
+    report.formats = dict(parse_report.formats)
     report.skipped_bad_rows = sum(parse_report.skipped.values())
     report.bad_row_messages = parse_report.examples
     report.truncation = stats.as_dict()

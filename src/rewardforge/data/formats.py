@@ -72,6 +72,7 @@ class ParseReport:
     rows_read: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     examples: list[str] = field(default_factory=list)
+    formats: dict[str, str] = field(default_factory=dict)  # source -> the format its rows were read in
 
     def skip(self, reason: str, message: str) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
@@ -421,9 +422,12 @@ def parse_rows(
                 raise row.data
             row = _apply_field_map(row, field_map or {})
             row_fmt = fmt
+            if fmt != "auto":
+                report.formats.setdefault(str(row.source), fmt)
             if row_fmt == "auto":
                 if row.source not in detected:
                     detected[row.source] = (detect_format(row.data, row.where), row.where)
+                    report.formats[str(row.source)] = detected[row.source][0] + " (detected)"
                 row_fmt, first_where = detected[row.source]
                 row_fmt = _same_format(row.data, row.where, row_fmt, first_where)
             if row_fmt in RATED_FORMATS:
