@@ -13,10 +13,11 @@ run. Every trainer runs in a cold child process (``bench/train_vs_trl.py``'s wor
 
 Variants (rewardforge; each changes one thing from ``defaults``):
 
-* ``defaults``: rewardforge's own defaults (cosine schedule with 3% warmup, its batch order, truncation
-  ``prompt_left`` keeping every pair);
+* ``defaults``: rewardforge's defaults before this benchmark (cosine schedule with 3% warmup, its length-grouped
+  batch order, truncation ``prompt_left`` keeping every pair);
 * ``grouped`` / ``random_batches``: ``data.group_by_length`` on / off (whichever the defaults are not);
-* ``trl_schedule``: TRL's schedule, linear decay without warmup;
+* ``trl_schedule``: TRL's schedule, linear decay without warmup (rewardforge's default since: this variant is
+  today's defaults);
 * ``drop_over_length``: trained only on the pairs TRL keeps (both sides within max_length), as TRL does;
 * ``response_right``: ``data.truncation=response_right`` (keep the start of the prompt, cut the response's end);
 * ``dense_last_layer``: ``model.sparse_last_layer=false`` (an exact fast path: should change nothing).
@@ -148,6 +149,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="600 train / 200 validation pairs")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--reuse", action="store_true", help="reuse runs already in --workdir (its result_TAG.json files)")
+    ap.add_argument("--no-train", action="store_true", help="with --reuse: train nothing, report the runs already there")
     ap.add_argument("--out", default=str(tvt.ROOT / "runs" / "bench" / "reward_quality.json"))
     args = ap.parse_args(argv)
 
@@ -183,15 +185,18 @@ def main(argv=None) -> int:
         if args.reuse and done.is_file():
             print(f"  [{tag}] reused from {done}", flush=True)
             return json.loads(done.read_text())
+        if args.no_train:
+            return None
         return tvt.run_worker(name, spec, workdir, tag=tag)
 
     for seed in args.seeds:
         spec = dict(base, seed=seed)
-        kept_file = None
+        kept_file, res = None, None
         if not args.skip_trl:
             tag = f"trl_s{seed}"
             res = run("trl", dict(spec, trl_defaults=False, trl_attn=None, trl_output_dir=str(workdir / f"{tag}_out"),
                                   save_dir=str(workdir / tag)), tag)
+        if not args.skip_trl and res is not None:
             models[tag] = {"kind": "trl", "dir": res["save_dir"], "variant": "trl", "seed": seed}
             runs[tag] = {k: v for k, v in res.items() if k != "kept_pair_ids"}
             kept_file = workdir / f"train_trl_kept_s{seed}.jsonl"
@@ -206,6 +211,8 @@ def main(argv=None) -> int:
             if v == "drop_over_length":
                 s["train_file"] = str(kept_file)
             res = run("rewardforge", s, tag)
+            if res is None:
+                continue
             models[tag] = {"kind": "rf", "dir": res["export_dir"], "variant": v, "seed": seed}
             runs[tag] = res
     print("scoring every model on the same validation pairs ...", flush=True)
