@@ -19,8 +19,6 @@ import pickle
 import socket
 import threading
 import time
-from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,9 +31,8 @@ import rewardforge  # noqa: E402
 from rewardforge.integrations import RewardFunctionError  # noqa: E402
 from rewardforge.integrations import verl as rf_verl  # noqa: E402
 from rewardforge.integrations.trl import AsyncRewardForgeReward, RewardForgeReward  # noqa: E402
-from rewardforge.serve import ServeConfig, create_app, make_server  # noqa: E402
+from test_serve import HOST, LiveServer, _export  # noqa: E402
 
-HOST = "127.0.0.1"
 TOL = 1e-4
 PROMPTS = ["How do I boil an egg?", "What is gravity?", "Why is the sky blue?", "Tell me about Paris.",
            "How far is the Moon?", "Can you help me?", "Say something."]
@@ -60,52 +57,6 @@ def conv_completions() -> list[list[dict]]:
 
 
 # ---------------------------------------------------------------- fixtures
-
-
-def _export(tiny_model, kind: str, out: Path, attributes: list[str], weights: list[float], max_length: int) -> Path:
-    """An exported model directory from a tiny random backbone (no training: fast)."""
-    import torch
-
-    from rewardforge.config import ModelConfig
-    from rewardforge.data.template import setup_template
-    from rewardforge.export import write_model_dir
-    from rewardforge.models import build_model, load_tokenizer
-
-    src = str(tiny_model(kind))
-    tok = load_tokenizer(src)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(name_or_path=src), tok, len(attributes), attributes)
-    with torch.no_grad():  # spread the random rewards so different inputs score clearly differently
-        for p in model.head().parameters():
-            p.mul_(20.0)
-    return write_model_dir(
-        model, tok, out, reward_model_type="regression" if len(attributes) > 1 else "binary_ranking",
-        attributes=attributes, attribute_weights=weights, max_length=max_length, truncation="prompt_left",
-        template=setup_template(tok, "auto"), stats={"reward_mean": 0.25, "reward_std": 0.5}, base_model=src,
-    )
-
-
-class LiveServer:
-    """uvicorn serving ``create_app(scorer, config)`` on a free loopback port, in a background thread."""
-
-    def __init__(self, scorer, config: ServeConfig | None = None):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((HOST, 0))
-        port = sock.getsockname()[1]
-        cfg = replace(config or ServeConfig(max_wait_ms=2.0), host=HOST, port=port, log_level="warning")
-        self.server = make_server(create_app(scorer, cfg), cfg)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.02)
-        self.url = f"http://{HOST}:{port}"
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(30)
 
 
 @pytest.fixture(scope="module")

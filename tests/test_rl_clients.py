@@ -30,7 +30,7 @@ pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 import rewardforge  # noqa: E402
-from test_serve import LiveServer  # noqa: E402
+from test_serve import LiveServer, _export  # noqa: E402
 
 TOL = 1e-4
 MAX_LENGTH = 160
@@ -50,27 +50,8 @@ CASES = [("bert", "plain"), ("gpt2", "plain"), ("llama", "plain"), ("llama3", "t
 
 def export_family(tiny_model, kind: str, template: str, out: Path, attributes=("reward",), weights=(1.0,),
                   max_length: int = MAX_LENGTH) -> Path:
-    """An export of a tiny random backbone (no training) with the given template."""
-    import torch
-
-    from rewardforge.config import ModelConfig
-    from rewardforge.data.template import setup_template
-    from rewardforge.export import write_model_dir
-    from rewardforge.models import build_model, load_tokenizer
-
-    src = str(tiny_model(kind))
-    tok = load_tokenizer(src)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(name_or_path=src), tok, len(attributes), list(attributes))
-    with torch.no_grad():  # spread the random rewards so that a wrong token shows
-        for p in model.head().parameters():
-            p.mul_(20.0)
-    used = setup_template(tok, template)
-    return write_model_dir(
-        model, tok, out, reward_model_type="regression" if len(attributes) > 1 else "binary_ranking",
-        attributes=list(attributes), attribute_weights=list(weights), max_length=max_length, truncation="prompt_left",
-        template=used, stats={"reward_mean": 0.0, "reward_std": 1.0}, base_model=src,
-    )
+    """An export of a tiny random backbone (no training) with the given template (test_serve's ``_export``)."""
+    return _export(tiny_model, kind, out, list(attributes), list(weights), max_length, template=template)
 
 
 def policy_tokenizer(tiny_model, kind: str, template: str):

@@ -40,7 +40,8 @@ RESPONSES = ["Put it in boiling water for nine minutes.", "That is a stupid ques
 # ---------------------------------------------------------------- fixtures
 
 
-def _export(tiny_model, kind: str, out: Path, attributes: list[str], weights: list[float], max_length: int) -> Path:
+def _export(tiny_model, kind: str, out: Path, attributes: list[str], weights: list[float], max_length: int,
+            template: str = "auto") -> Path:
     """An exported model directory from a tiny random backbone (no training: fast)."""
     import torch
 
@@ -56,7 +57,7 @@ def _export(tiny_model, kind: str, out: Path, attributes: list[str], weights: li
     with torch.no_grad():  # spread the random rewards so different inputs score clearly differently
         for p in model.head().parameters():
             p.mul_(20.0)
-    template = setup_template(tok, "auto")
+    template = setup_template(tok, template)
     return write_model_dir(
         model, tok, out, reward_model_type="regression" if len(attributes) > 1 else "binary_ranking",
         attributes=attributes, attribute_weights=weights, max_length=max_length, truncation="prompt_left",

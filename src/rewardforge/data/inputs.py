@@ -217,8 +217,8 @@ def make_self_sufficient(tokenizer) -> tuple[bool, str]:
             if hasattr(tokenizer, flag):
                 try:
                     setattr(tokenizer, flag, False)
-                except Exception:  # noqa: BLE001
-                    pass
+                except Exception:  # noqa: BLE001 - a read-only flag: the check just below says whether specials remain
+                    continue
         if _added_by_tokenizer(tokenizer) != ([], []):
             return False, "the tokenizer still adds special tokens after its post-processor was changed"
     lead, trail = _token_text(tokenizer, lead_ids), _token_text(tokenizer, trail_ids)
