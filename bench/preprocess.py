@@ -45,7 +45,7 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 
 def load_tokenizer(backbone: str):
     from rewardforge.data.template import setup_template
-    from rewardforge.models import detect_pooling, ensure_pad_token, load_tokenizer as rf_load_tokenizer, resolve_model_path
+    from rewardforge.models.reward_model import detect_pooling, ensure_pad_token, load_tokenizer as rf_load_tokenizer, resolve_model_path
 
     name = MINILM if backbone == "minilm" else backbone
     tok = rf_load_tokenizer(name)

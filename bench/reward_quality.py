@@ -86,7 +86,7 @@ def score_models(models: dict[str, dict], val_file: Path, max_length: int) -> di
     import rewardforge
     from rewardforge.data.formats import parse_rows
     from rewardforge.data.readers import read_rows
-    from rewardforge.models import RewardModel
+    from rewardforge.models.reward_model import RewardModel
     from rewardforge.scoring import RewardScorer
 
     raw = [json.loads(line) for line in open(val_file, encoding="utf-8")]
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     train_file, val_file = workdir / "train.jsonl", workdir / "val.jsonl"
     tvt.write_jsonl(train_file, train_rows)
     tvt.write_jsonl(val_file, val_rows)
-    from rewardforge.models import resolve_model_path
+    from rewardforge.models.reward_model import resolve_model_path
 
     print(f"reward quality: {len(train_rows)} train / {len(val_rows)} validation pairs (all four HH-RLHF files, prompt-hash "
           f"split, {identical} identical pairs left out); MiniLM; max_length {args.max_length}, batch {args.batch_size}, "

@@ -44,8 +44,8 @@ def main() -> None:
     from rewardforge.data.datasets import build_dataset
     from rewardforge.data.template import setup_template
     from rewardforge.losses import bradley_terry_loss
-    from rewardforge.models import build_model, load_tokenizer
-    from rewardforge.packing import PackedPairCollator, model_kwargs
+    from rewardforge.models.reward_model import build_model, load_tokenizer
+    from rewardforge.data.packing import PackedPairCollator, model_kwargs
 
     with gzip.open(args.data, "rt") as fh:
         rows = [json.loads(line) for _, line in zip(range(args.pairs), fh)]

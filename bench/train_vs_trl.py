@@ -114,7 +114,7 @@ def model_flop_profile(model) -> dict[str, Any]:
     """Per-block matmul weights, hidden size and which blocks need a backward pass (for the FLOP formula)."""
     import torch
 
-    from rewardforge.models import _layer_list
+    from rewardforge.models.reward_model import _layer_list
 
     hf = model
     while hasattr(hf, "model") and not hasattr(hf, "config"):
@@ -608,7 +608,7 @@ def worker_eval(spec: dict) -> dict:
     from rewardforge.data.formats import parse_rows
     from rewardforge.data.readers import read_rows
     from rewardforge.data.tokenize import TruncationStats, tokenize_texts
-    from rewardforge.models import RewardModel
+    from rewardforge.models.reward_model import RewardModel
     from rewardforge.scoring import RewardScorer, load
 
     _worker_env(spec)
@@ -942,7 +942,7 @@ def main(argv=None) -> int:
         write_jsonl(train_file, train_rows)
         write_jsonl(val_file, val_rows)
 
-        from rewardforge.models import resolve_model_path
+        from rewardforge.models.reward_model import resolve_model_path
 
         if args.backbone == "minilm":
             model_name, model_path, backbone_desc = MINILM, resolve_model_path(MINILM), f"{MINILM} (pretrained encoder, offline package)"

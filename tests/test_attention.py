@@ -1,4 +1,4 @@
-"""rf_eager (rewardforge.attention): the same attention as transformers' eager, forward and backward."""
+"""rf_eager (rewardforge.models.attention): the same attention as transformers' eager, forward and backward."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from transformers import (
     Qwen2ForSequenceClassification,
 )
 
-from rewardforge import attention
-from rewardforge.attention import _Attention, rf_eager_attention
+from rewardforge.models import attention
+from rewardforge.models.attention import _Attention, rf_eager_attention
 from rewardforge.config import load_config
-from rewardforge.models import RewardModel, set_attention
+from rewardforge.models.reward_model import RewardModel, set_attention
 from rewardforge.train import run_training
 
 CPU = torch.device("cpu")

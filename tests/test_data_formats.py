@@ -14,7 +14,7 @@ from conftest import write_jsonl
 from rewardforge.data import DataError, build_dataset, detect_format, parse_rows, read_rows, setup_template
 from rewardforge.data.formats import ParseReport, RatedResponse
 from rewardforge.data.readers import Row
-from rewardforge.models import load_tokenizer
+from rewardforge.models.reward_model import load_tokenizer
 
 HH_CHOSEN = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: How do I boil an egg?\n\nAssistant: Put it in boiling water."
 HH_REJECTED = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: How do I boil an egg?\n\nAssistant: Go away."

@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 
 from rewardforge.data import DataError, TextRenderer, build_dataset, parse_rows, read_rows, setup_template
 from rewardforge.data.formats import REQUIRED_FIELDS, ParseReport, PreferencePair, RatedResponse
-from rewardforge.models import load_tokenizer
+from rewardforge.models.reward_model import load_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")  # e.g. numpy overflowing a value to inf
 

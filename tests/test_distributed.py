@@ -155,7 +155,7 @@ def test_a_ddp_checkpoint_resumes_under_fsdp(runs):
 
 
 def test_lora_under_ddp_trains_the_head_and_the_export_keeps_it(runs, tiny_model):
-    from rewardforge.models import load_reward_model
+    from rewardforge.models.reward_model import load_reward_model
 
     root, common, _ = runs
     out = root / "lora"
@@ -167,7 +167,7 @@ def test_lora_under_ddp_trains_the_head_and_the_export_keeps_it(runs, tiny_model
     # The head starts from the seeded init of a fresh run; training moved it and the export kept it.
     from rewardforge.config import load_config
     from rewardforge.registry import get_reward_model_spec
-    from rewardforge.models import load_tokenizer
+    from rewardforge.models.reward_model import load_tokenizer
     from accelerate.utils import set_seed
 
     cfg = load_config(None, [f"model.name_or_path={tiny_model('llama')}", "model.lora_r=4"])
@@ -186,7 +186,7 @@ def test_estimate_memory_sizes_a_config_without_loading_weights(tiny_model):
     import subprocess
 
     from rewardforge.config import load_config
-    from rewardforge.models import load_tokenizer
+    from rewardforge.models.reward_model import load_tokenizer
     from rewardforge.registry import get_reward_model_spec
     from rewardforge.train import estimate_for_config
 
@@ -210,7 +210,7 @@ def test_strategy_resolution_and_deepspeed_refused():
     from accelerate.utils import DistributedType
 
     from rewardforge.config import ConfigError, load_config
-    from rewardforge.distributed import resolve_strategy
+    from rewardforge.training.distributed import resolve_strategy
 
     def acc(kind, n):
         return SimpleNamespace(distributed_type=kind, num_processes=n)

@@ -61,7 +61,7 @@ def test_long_phases_show_progress(run_dir, tiny_model, tmp_path, capsys):
     """Reading, rendering, tokenizing, validation and evaluation show a bar; eval one bar for the whole run."""
     from rewardforge.data.datasets import build_dataset, show_progress
     from rewardforge.eval.runner import evaluate_model
-    from rewardforge.models import load_tokenizer
+    from rewardforge.models.reward_model import load_tokenizer
 
     run, data, _ = run_dir
     from rewardforge.data.template import setup_template

@@ -12,7 +12,7 @@ import torch
 import rewardforge
 from conftest import synthetic_pairs, write_jsonl
 from rewardforge.cli import main
-from rewardforge.models import ModelError
+from rewardforge.models.reward_model import ModelError
 
 TEXTS = ["Human: How do I boil an egg?\n\nAssistant: Put it in boiling water for nine minutes.",
          "Human: What is gravity?\n\nAssistant: That is a stupid question. Go away."]
@@ -80,7 +80,7 @@ def test_a_model_trained_by_trls_reward_trainer_imports(tiny_model, tmp_path):
     trainer.save_model(str(trl_dir))
     tok.save_pretrained(trl_dir)
     data = write_jsonl(tmp_path / "val.jsonl", rows[:6])
-    from rewardforge.imports import import_model
+    from rewardforge.export.hf_import import import_model
 
     meta = import_model(trl_dir, tmp_path / "imported", template="plain", max_length=128, data=[str(data)])
     assert meta["pooling"] == "pooled" and meta["statistics_from"] == [str(data)] and meta["sequences"] == 12
@@ -102,7 +102,7 @@ def test_what_is_not_a_model_directory_says_what_to_run(random_hf_rm, tmp_path):
         rewardforge.load(tmp_path / "run", device="cpu")
     with pytest.raises(ModelError, match=r"does not exist"):
         rewardforge.load(tmp_path / "nothing", device="cpu")
-    from rewardforge.imports import import_model
+    from rewardforge.export.hf_import import import_model
 
     out = tmp_path / "imp"
     import_model(random_hf_rm, out)
@@ -111,7 +111,7 @@ def test_what_is_not_a_model_directory_says_what_to_run(random_hf_rm, tmp_path):
 
 
 def test_a_run_directory_resolves_to_its_export(random_hf_rm, tmp_path):
-    from rewardforge.imports import import_model
+    from rewardforge.export.hf_import import import_model
 
     import_model(random_hf_rm, tmp_path / "run" / "model")
     assert rewardforge.load(tmp_path / "run", device="cpu").meta["imported_from"] == str(random_hf_rm)

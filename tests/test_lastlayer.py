@@ -28,10 +28,10 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from rewardforge import lastlayer
+from rewardforge.models import lastlayer
 from rewardforge.config import ModelConfig
-from rewardforge.models import RewardModel, build_model, load_reward_model, load_tokenizer
-from rewardforge.packing import PackedPairCollator, model_kwargs
+from rewardforge.models.reward_model import RewardModel, build_model, load_reward_model, load_tokenizer
+from rewardforge.data.packing import PackedPairCollator, model_kwargs
 
 ENC = dict(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=2)

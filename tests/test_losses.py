@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from rewardforge.config import load_config
-from rewardforge.evaluate import pair_metrics, pearson, regression_metrics, validation_metrics
+from rewardforge.training.validation import pair_metrics, pearson, regression_metrics, validation_metrics
 from rewardforge.losses import bradley_terry_loss, masked_mse_loss, pairwise_accuracy, scaled_bradley_terry_loss
 from rewardforge.registry import bt_loss, combine, mse_loss, plain_bt_loss, scaled_bt_loss
 

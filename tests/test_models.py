@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rewardforge.config import ModelConfig
-from rewardforge.models import (
+from rewardforge.models.reward_model import (
     PAD_TOKEN,
     ModelError,
     RewardModel,

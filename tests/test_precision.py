@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 
 from conftest import synthetic_pairs, write_jsonl
 from rewardforge.config import ConfigError, load_config
-from rewardforge.models import ModelError, build_model, load_tokenizer, set_attention
-from rewardforge.precision import MasterWeights
+from rewardforge.models.reward_model import ModelError, build_model, load_tokenizer, set_attention
+from rewardforge.training.precision import MasterWeights
 from rewardforge.train import run_training, setup
 
 
@@ -202,7 +202,7 @@ def test_bf16_master_shared_prompt_rows_give_the_plain_gradients(attn, tiny_mode
     from test_share_prompt import build, dataset_items, rewards_and_grads
 
     from rewardforge.data.batching import PairCollator
-    from rewardforge.packing import PackedPairCollator
+    from rewardforge.data.packing import PackedPairCollator
 
     model, tok = build(tiny_model, "qwen2", attn)
     items = dataset_items(tok, tmp_path, 12, 256)[:6]
@@ -263,7 +263,7 @@ def test_exported_config_does_not_pin_the_training_attention(tiny_model, pairs_f
     (False, "cpu", False, "fp32"), (False, "cuda", True, "fp32"),
 ])
 def test_precision_auto_resolves_by_hardware_and_launch(native, device, ddp, expected, monkeypatch):
-    import rewardforge.precision as prec
+    import rewardforge.training.precision as prec
 
     monkeypatch.setattr(prec, "native_bf16", lambda device_type: native)
     assert prec.resolve_precision("auto", device_type=device, ddp=ddp) == expected
@@ -274,7 +274,7 @@ def test_precision_auto_resolves_by_hardware_and_launch(native, device, ddp, exp
 def test_native_bf16_on_this_cpu_matches_its_flags():
     from pathlib import Path
 
-    from rewardforge.precision import native_bf16
+    from rewardforge.training.precision import native_bf16
 
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.is_file() or "flags" not in cpuinfo.read_text():
@@ -285,7 +285,7 @@ def test_native_bf16_on_this_cpu_matches_its_flags():
 
 @pytest.mark.parametrize("native", [True, False])
 def test_default_precision_is_resolved_at_setup_and_recorded(native, tiny_model, pairs_file, tmp_path, monkeypatch):
-    import rewardforge.precision as prec
+    import rewardforge.training.precision as prec
 
     monkeypatch.setattr(prec, "native_bf16", lambda device_type: native)
     args = [a for a in _args(tiny_model("bert"), pairs_file, tmp_path / "o", "train.max_steps=2") if not a.startswith("train.precision")]
@@ -304,7 +304,7 @@ def test_default_precision_is_resolved_at_setup_and_recorded(native, tiny_model,
 
 def test_memory_estimate_uses_the_precision_auto_gives_that_launch(tiny_model, monkeypatch):
     """--estimate-memory --processes N: under DDP auto means bf16 (no bf16 weight copy), on one process bf16_master."""
-    import rewardforge.precision as prec
+    import rewardforge.training.precision as prec
     from rewardforge.train import estimate_for_config
 
     monkeypatch.setattr(prec, "native_bf16", lambda device_type: True)
@@ -318,7 +318,7 @@ def test_memory_estimate_uses_the_precision_auto_gives_that_launch(tiny_model, m
 
 
 def test_the_run_says_why_it_picked_its_precision():
-    from rewardforge.precision import precision_reason
+    from rewardforge.training.precision import precision_reason
 
     assert precision_reason("fp32", "fp32", device_type="cpu", ddp=False) == "train.precision=fp32, as set"
     assert "no native bf16 math (no AVX512-BF16 or AMX)" in precision_reason("auto", "fp32", device_type="cpu", ddp=False)

@@ -25,7 +25,7 @@ from rewardforge.data import DataError, build_dataset, setup_template
 from rewardforge.data import tokenize as T
 from rewardforge.data.batching import PairCollator, RatedCollator
 from rewardforge.data.template import PLAIN_TEMPLATE, TextRenderer, _common_prefix_length, _plain_parts
-from rewardforge.models import load_tokenizer
+from rewardforge.models.reward_model import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "examples" / "quickstart"

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import synthetic_pairs, write_jsonl
-from rewardforge.checkpoint import list_checkpoints, resolve_resume
+from rewardforge.training.checkpoint import list_checkpoints, resolve_resume
 from rewardforge.config import load_config
 from rewardforge.registry import PAIR_LOSSES, RewardModelSpec, register_reward_model_type, unregister_reward_model_type
 from rewardforge.train import run_training
@@ -36,7 +36,7 @@ def _start(args: list[str], out: Path, fault: str | None = None) -> subprocess.P
     # Same thread count as this process, so float reductions (and so the weights) match bitwise.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     if fault:
-        env["REWARDFORGE_FAULT"] = fault  # rewardforge.faults: SIGKILL itself at that point
+        env["REWARDFORGE_FAULT"] = fault  # rewardforge.training.faults: SIGKILL itself at that point
     return subprocess.Popen([sys.executable, "-m", "rewardforge", "train", *args, f"output_dir={out}"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -125,8 +125,8 @@ def test_kill_9_mid_export_keeps_the_previous_export_and_the_checkpoint_exports_
 
 
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one_and_says_so(setup, tmp_path, monkeypatch):
-    from rewardforge import faults
-    from rewardforge.checkpoint import CheckpointError
+    from rewardforge.training import faults
+    from rewardforge.training.checkpoint import CheckpointError
 
     root, args = setup
     monkeypatch.setattr(faults, "_hits", {})
@@ -143,7 +143,7 @@ def test_too_little_disk_space_is_refused_before_training(setup, tmp_path, monke
     import shutil
     from collections import namedtuple
 
-    from rewardforge.checkpoint import CheckpointError
+    from rewardforge.training.checkpoint import CheckpointError
 
     _, args = setup
     usage = namedtuple("usage", "total used free")

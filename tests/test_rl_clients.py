@@ -57,7 +57,7 @@ def export_family(tiny_model, kind: str, template: str, out: Path, attributes=("
 def policy_tokenizer(tiny_model, kind: str, template: str):
     """The policy's tokenizer: the backbone's own (it adds its BOS) with the template the RM was trained with."""
     from rewardforge.data.template import setup_template
-    from rewardforge.models import load_tokenizer
+    from rewardforge.models.reward_model import load_tokenizer
 
     tok = load_tokenizer(str(tiny_model(kind)))
     setup_template(tok, template)

@@ -47,8 +47,8 @@ def _export(tiny_model, kind: str, out: Path, attributes: list[str], weights: li
 
     from rewardforge.config import ModelConfig
     from rewardforge.data.template import setup_template
-    from rewardforge.export import write_model_dir
-    from rewardforge.models import build_model, load_tokenizer
+    from rewardforge.export.model_dir import write_model_dir
+    from rewardforge.models.reward_model import build_model, load_tokenizer
 
     src = str(tiny_model(kind))
     tok = load_tokenizer(src)
@@ -513,7 +513,7 @@ def test_api_key_is_required_except_for_health(binary_scorer, monkeypatch):
             good = {"Authorization": "Bearer s3cret"}
             assert c.post("/v1/score", json=payload, headers=good).status_code == 200
             assert c.get("/v2/models/reward_model", headers=good).status_code == 200
-        from rewardforge.client import RewardClient, RewardServerError
+        from rewardforge.serve.client import RewardClient, RewardServerError
 
         with RewardClient(server.url) as rc:  # reads the key from the environment
             assert len(rc.score_texts(["hi"])) == 1
@@ -586,7 +586,7 @@ def test_graceful_shutdown_finishes_in_flight_requests(binary_scorer):
 
 
 def test_sync_and_async_clients(binary_server, binary_scorer):
-    from rewardforge.client import AsyncRewardClient, RewardClient, RewardServerError
+    from rewardforge.serve.client import AsyncRewardClient, RewardClient, RewardServerError
 
     prompts, responses = PROMPTS[:5], RESPONSES[:5]
     want = binary_scorer.score(prompts, responses)

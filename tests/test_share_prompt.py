@@ -14,8 +14,8 @@ from rewardforge.config import ConfigError, ModelConfig, load_config
 from rewardforge.data.batching import PairCollator
 from rewardforge.data.datasets import build_dataset
 from rewardforge.data.template import setup_template
-from rewardforge.models import build_model, load_tokenizer
-from rewardforge.packing import PackedPairCollator, common_prefix_length, model_kwargs, pack_pair, packed_mask
+from rewardforge.models.reward_model import build_model, load_tokenizer
+from rewardforge.data.packing import PackedPairCollator, common_prefix_length, model_kwargs, pack_pair, packed_mask
 from rewardforge.train import run_training
 
 DECODERS = ["gpt2", "llama", "qwen2"]

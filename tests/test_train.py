@@ -83,7 +83,7 @@ def test_checkpoints_metrics_and_summary_files(resume_runs):
 
 
 def test_pair_verdict_on_hand_computed_numbers():
-    from rewardforge.evaluate import pair_verdict
+    from rewardforge.training.validation import pair_verdict
 
     # 80 of 100 right; the longer side is the chosen one in 50, the rejected in 40, tied in 10 -> 0.55
     chosen, rejected = np.r_[np.ones(80), np.zeros(20)], np.r_[np.zeros(80), np.ones(20)]
@@ -235,7 +235,7 @@ def test_lora_export_can_also_save_the_adapter_with_its_trained_head(tiny_model,
     from transformers import AutoModelForSequenceClassification
 
     import rewardforge
-    from rewardforge.models import RewardModel
+    from rewardforge.models.reward_model import RewardModel
 
     base_dir = tiny_model("bert")
     cfg = load_config(None, [f"model.name_or_path={base_dir}", f"data.train=[{pairs_file}]", "train.max_steps=4",

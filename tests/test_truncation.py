@@ -9,7 +9,7 @@ from conftest import write_jsonl
 
 from rewardforge.data import DataError, build_dataset, setup_template
 from rewardforge.data.tokenize import TruncationStats, tokenize_texts, truncate
-from rewardforge.models import load_tokenizer
+from rewardforge.models.reward_model import load_tokenizer
 
 # ------------------------------------------------------------------ truncate() on hand-built sequences
 #

@@ -19,10 +19,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from rewardforge.checkpoint import CheckpointError
+    from rewardforge.training.checkpoint import CheckpointError
     from rewardforge.config import ConfigError
     from rewardforge.data.readers import DataError
-    from rewardforge.models import ModelError
+    from rewardforge.models.reward_model import ModelError
 
     return (ConfigError, DataError, ModelError, CheckpointError, FileNotFoundError, FloatingPointError,
             PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError)
@@ -87,7 +87,7 @@ def _check_writable_dir(path: str | Path, what: str) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from rewardforge.checkpoint import read_config
+    from rewardforge.training.checkpoint import read_config
     from rewardforge.train import export_checkpoint
 
     read_config(Path(args.checkpoint))  # a missing or wrong checkpoint first, then the destination
@@ -98,7 +98,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from rewardforge.imports import import_model
+    from rewardforge.export.hf_import import import_model
 
     _check_writable_dir(args.out, "import destination")
     meta = import_model(args.hf_dir, args.out, template=args.template, pooling=args.pooling, max_length=args.max_length,
@@ -238,7 +238,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                       + (f"{unseen['accuracy']:.4f} on the {unseen['n']} unseen" if unseen else "no unseen pairs")
                       + "; evaluate on held-out data (a run's validation split: rewardforge eval RUN_DIR)")
     if args.update_card:
-        from rewardforge.model_card import add_eval_table
+        from rewardforge.export.card import add_eval_table
 
         for m in result["models"]:
             card = add_eval_table(m["path"], result, m["name"])

@@ -22,9 +22,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration key or value is wrong; the message names the key and the fix."""
+from rewardforge.errors import ConfigError
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:

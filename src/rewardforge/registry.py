@@ -21,7 +21,7 @@ from rewardforge.config import Config, ConfigError
 from rewardforge.data.batching import PairCollator, RatedCollator
 from rewardforge.data.datasets import build_dataset
 from rewardforge.losses import bradley_terry_loss, masked_mse_loss, pairwise_accuracy, scaled_bradley_terry_loss
-from rewardforge.models import RewardModel, build_model
+from rewardforge.models.reward_model import RewardModel, build_model
 
 LossFn = Callable[[torch.Tensor, dict, Config], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
 

@@ -18,7 +18,7 @@ import torch
 from rewardforge.data.batching import pad_sequences
 from rewardforge.data.formats import Conversation
 from rewardforge.data.inputs import ModelInputs
-from rewardforge.models import RewardModel, load_reward_model
+from rewardforge.models.reward_model import RewardModel, load_reward_model
 
 
 @dataclass

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rewardforge.checkpoint import (
+from rewardforge.training.checkpoint import (
     TrainerState,
     check_free_space,
     list_checkpoints,
@@ -36,7 +36,7 @@ from rewardforge.data.batching import BatchSampler
 from rewardforge.data.datasets import DataReport, show_progress, split_by_prompt
 from rewardforge.data.readers import DataError
 from rewardforge.data.template import setup_template
-from rewardforge.distributed import (
+from rewardforge.training.distributed import (
     MODEL_STATE_DIR,
     full_model_state,
     grad_norm_value,
@@ -44,12 +44,12 @@ from rewardforge.distributed import (
     resolve_strategy,
     shard_model,
 )
-from rewardforge.evaluate import pair_verdict, predict, validation_metrics
-from rewardforge.export import prompt_fingerprint, reward_statistics, write_model_dir
-from rewardforge.faults import fault_point
-from rewardforge.models import load_tokenizer, set_attention
-from rewardforge.packing import PackedPairCollator, check_share_prompt, model_kwargs
-from rewardforge.precision import MasterWeights, precision_reason, resolve_precision
+from rewardforge.training.validation import pair_verdict, predict, validation_metrics
+from rewardforge.export.model_dir import prompt_fingerprint, reward_statistics, write_model_dir
+from rewardforge.training.faults import fault_point
+from rewardforge.models.reward_model import load_tokenizer, set_attention
+from rewardforge.data.packing import PackedPairCollator, check_share_prompt, model_kwargs
+from rewardforge.training.precision import MasterWeights, precision_reason, resolve_precision
 from rewardforge.registry import RewardModelSpec, attribute_weights, get_reward_model_spec, output_names
 
 
@@ -79,7 +79,7 @@ class Run:
     progress: bool = False  # progress bars for the phases that take time (validation, export statistics)
     trackers: bool = False  # train.report_to trackers were started (accelerate's init_trackers)
     extra_eval: list = field(default_factory=list)  # eval.datasets, loaded once (main process)
-    strategy: str = "single"  # single, ddp or fsdp (rewardforge.distributed)
+    strategy: str = "single"  # single, ddp or fsdp (rewardforge.training.distributed)
     master: MasterWeights | None = None  # train.precision=bf16_master on one process
 
     def compute(self):
@@ -193,7 +193,7 @@ def estimate_for_config(cfg: Config, processes: int = 1) -> dict[str, float]:
     ``processes`` matters under ``train.strategy=fsdp`` (states are sharded over them); the
     activations assume sequences of ``data.max_length``, the worst case.
     """
-    from rewardforge.models import empty_weights
+    from rewardforge.models.reward_model import empty_weights
 
     spec = get_reward_model_spec(cfg.model.reward_model_type)
     spec.check(cfg)
@@ -399,7 +399,7 @@ def setup(cfg: Config, *, accelerator=None) -> Run:
 
 def config_changes(ckpt: Path, cfg: Config) -> list[str]:
     """``key old -> new`` for every setting that differs from the checkpoint's config.yaml (resume_from aside)."""
-    from rewardforge.checkpoint import read_config
+    from rewardforge.training.checkpoint import read_config
 
     def flat(d: dict, prefix: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {}

@@ -30,9 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, line and field."""
+from rewardforge.errors import DataError
 
 
 @dataclass(frozen=True)

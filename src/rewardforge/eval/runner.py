@@ -360,7 +360,7 @@ def _prompt_keys(scorer, texts: Sequence[str], starts: Sequence[int]) -> list[st
 
 def training_overlap(ps: PairScores, fingerprint: Mapping[str, Any]) -> dict[str, Any]:
     """How many pairs of a dataset the model was trained (or validated) on, and its accuracy on each part."""
-    from rewardforge.export import KEY_CHARS
+    from rewardforge.export.model_dir import KEY_CHARS
 
     train, val = set(fingerprint.get("train", ())), set(fingerprint.get("validation", ()))
     keys = [k[:KEY_CHARS] for k in ps.prompt_keys or []]
@@ -572,7 +572,7 @@ def evaluate_scorer(
 
 def _keep_validation_pairs(scorer, datasets: Sequence[EvalDataset]) -> None:
     """Keep, in each pair dataset, only the pairs whose prompt the model's run held out for validation."""
-    from rewardforge.export import KEY_CHARS, PROMPTS_FILE
+    from rewardforge.export.model_dir import KEY_CHARS, PROMPTS_FILE
 
     fingerprint = _fingerprint(scorer)
     if fingerprint is None:
@@ -591,7 +591,7 @@ def _keep_validation_pairs(scorer, datasets: Sequence[EvalDataset]) -> None:
 
 def _fingerprint(scorer) -> dict[str, Any] | None:
     """The export's training_prompts.json (None for models without one: older exports, models in memory)."""
-    from rewardforge.export import PROMPTS_FILE
+    from rewardforge.export.model_dir import PROMPTS_FILE
 
     d = getattr(scorer, "model_dir", None)
     if d is None or not (Path(d) / PROMPTS_FILE).is_file():

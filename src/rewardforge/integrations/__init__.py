@@ -5,7 +5,7 @@
 * :mod:`rewardforge.integrations.verl`: ``compute_score`` / ``compute_score_batch`` for verl's
   ``custom_reward_function``.
 
-Both post to the native ``POST /v1/score`` endpoint through :mod:`rewardforge.client` (chunking,
+Both post to the native ``POST /v1/score`` endpoint through :mod:`rewardforge.serve.client` (chunking,
 retries on 503 + ``Retry-After``, timeouts). What they share lives here: turning trainer inputs into
 score items, and turning a failed request into one line that names the problem and the fix
 (:class:`RewardFunctionError`). ``docs/rl_clients.md`` shows the trainer-side configuration.
@@ -17,7 +17,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, Sequence
 
-from rewardforge.client import RewardServerError, ScoreResult
+from rewardforge.serve.client import RewardServerError, ScoreResult
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 URL_ENV = "REWARDFORGE_URL"

@@ -33,7 +33,7 @@ import threading
 import weakref
 from typing import Any, Sequence
 
-from rewardforge.client import AsyncRewardClient, RewardClient, RewardServerError, ScoreResult
+from rewardforge.serve.client import AsyncRewardClient, RewardClient, RewardServerError, ScoreResult
 from rewardforge.integrations import RewardFunctionError, explain, make_items, pick_rewards, resolve_url
 
 __all__ = ["RewardForgeReward", "AsyncRewardForgeReward", "RewardFunctionError"]

@@ -32,7 +32,7 @@ import os
 import threading
 from typing import Any, Sequence
 
-from rewardforge.client import RewardClient, RewardServerError
+from rewardforge.serve.client import RewardClient, RewardServerError
 from rewardforge.integrations import (
     URL_ENV,
     RewardFunctionError,

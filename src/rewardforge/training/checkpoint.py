@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from rewardforge.errors import CheckpointError
+
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -29,10 +31,6 @@ class TrainerState:
     batch_in_epoch: int = 0
     examples_seen: int = 0
     skipped_steps: int = 0
-
-
-class CheckpointError(ValueError):
-    """A path given as a checkpoint is not a complete rewardforge checkpoint."""
 
 
 def checkpoints_dir(output_dir: str | Path) -> Path:
@@ -50,8 +48,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, co
     """
     from accelerate.checkpointing import save_accelerator_state
 
-    from rewardforge.distributed import MODEL_STATE_DIR, save_model_state
-    from rewardforge.faults import fault_point
+    from rewardforge.training.distributed import MODEL_STATE_DIR, save_model_state
+    from rewardforge.training.faults import fault_point
 
     root = checkpoints_dir(output_dir)
     final = root / f"step-{state.step}"

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from rewardforge.models import ModelError
+from rewardforge.models.reward_model import ModelError
 
 
 def import_model(
@@ -47,8 +47,8 @@ def import_model(
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from rewardforge.data.template import setup_template
-    from rewardforge.export import write_model_dir
-    from rewardforge.models import RewardModel, detect_pooling, ensure_pad_token, load_tokenizer
+    from rewardforge.export.model_dir import write_model_dir
+    from rewardforge.models.reward_model import RewardModel, detect_pooling, ensure_pad_token, load_tokenizer
 
     hf_dir = str(hf_dir)
     if not Path(hf_dir).is_dir():
@@ -94,7 +94,7 @@ def import_model(
     else:
         meta["statistics_from"] = None  # mean 0 / std 1: normalised rewards are the raw ones
     meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    from rewardforge.model_card import write_card
+    from rewardforge.export.card import write_card
 
     write_card(out, meta, name=Path(out).name)
     return meta
@@ -104,7 +104,7 @@ def measure_statistics(scorer, data: list[str], weights: list[float]) -> dict[st
     """Reward mean/std (and per output) over every response in ``data`` (pairs: both sides)."""
     from rewardforge.data.formats import PreferencePair, parse_rows
     from rewardforge.data.readers import expand_sources, read_rows
-    from rewardforge.export import reward_statistics
+    from rewardforge.export.model_dir import reward_statistics
 
     prompts, responses = [], []
     for f in expand_sources(list(data)):

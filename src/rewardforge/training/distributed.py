@@ -66,7 +66,7 @@ def shard_model(model: nn.Module, cfg: Config, device: torch.device) -> nn.Modul
     """
     from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 
-    from rewardforge.precision import fsdp_mixed_precision
+    from rewardforge.training.precision import fsdp_mixed_precision
 
     model.to(device)
     kw = {"offload_policy": CPUOffloadPolicy()} if cfg.train.fsdp_cpu_offload and device.type != "cpu" else {}

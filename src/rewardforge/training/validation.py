@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rewardforge.packing import model_kwargs
+from rewardforge.data.packing import model_kwargs
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 A reward model reads one hidden state per sequence from the last layer: the first token ([CLS]) of
 a pooled encoder, the last real token of a decoder, or the two reward tokens of a packed
-shared-prompt row (:mod:`rewardforge.packing`). The last layer's output at every other position is
+shared-prompt row (:mod:`rewardforge.data.packing`). The last layer's output at every other position is
 thrown away, yet the plain forward pass computes it. Only the keys and values of the last layer
 need every position; its query, attention output projection, MLP and norms need only the read
 positions. Computing just those removes about ``(1 - 2 / 12) / num_layers`` of a BERT-style

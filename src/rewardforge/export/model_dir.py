@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from rewardforge import __version__
-from rewardforge.faults import fault_point
-from rewardforge.models import RewardModel, merged_hf_model
+from rewardforge.training.faults import fault_point
+from rewardforge.models.reward_model import RewardModel, merged_hf_model
 
 METADATA_FILE = "rewardforge.json"
 PROMPTS_FILE = "training_prompts.json"  # hashes of the training and validation prompts, never their text
@@ -33,7 +33,7 @@ def reward_statistics(pred: dict[str, np.ndarray], weights: list[float]) -> dict
     """Mean/std of the combined reward (and of each output) over every scored sequence.
 
     Args:
-        pred: output of :func:`rewardforge.evaluate.predict` on the validation set.
+        pred: output of :func:`rewardforge.training.validation.predict` on the validation set.
         weights: attribute weights of the combined reward.
     """
     outputs = np.concatenate([pred["chosen"], pred["rejected"]]) if "chosen" in pred else pred.get("pred")
@@ -109,7 +109,7 @@ def write_model_dir(
         if len(attributes) > 1 and single_reward:
             meta["single_reward_dir"] = write_single_reward_model(hf, tmp, attribute_weights)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        from rewardforge.model_card import write_card
+        from rewardforge.export.card import write_card
 
         write_card(tmp, meta, name=out_dir.name if out_dir.name != "model" else out_dir.parent.name or "model",
                    **(card_info or {}))
