@@ -30,7 +30,8 @@ from transformers import (
 
 from rewardforge.models import lastlayer
 from rewardforge.config import ModelConfig
-from rewardforge.models.reward_model import RewardModel, build_model, load_reward_model, load_tokenizer
+from rewardforge.export.model_dir import load_reward_model
+from rewardforge.models.reward_model import RewardModel, build_model, load_tokenizer
 from rewardforge.data.packing import PackedPairCollator, model_kwargs
 
 ENC = dict(vocab_size=120, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,

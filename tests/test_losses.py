@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from rewardforge.config import load_config
-from rewardforge.training.validation import pair_metrics, pearson, regression_metrics, validation_metrics
+from rewardforge.registry import get_data_kind
+from rewardforge.training.validation import pair_metrics, pearson, regression_metrics
 from rewardforge.losses import bradley_terry_loss, masked_mse_loss, pairwise_accuracy, scaled_bradley_terry_loss
-from rewardforge.registry import bt_loss, combine, mse_loss, plain_bt_loss, scaled_bt_loss
+from rewardforge.losses import bt_loss, combine, mse_loss, plain_bt_loss, scaled_bt_loss
 
 NLS2, NLS1, NLS0, NLSm1 = 0.126928, 0.313262, 0.693147, 1.313262
 t = torch.tensor
@@ -193,7 +194,7 @@ def test_pearson_edge_cases():
 def test_validation_metrics_combines_outputs():
     pred = {"chosen": np.array([[1.0, 1.0], [0.0, 0.0]]), "rejected": np.array([[0.0, 0.0], [1.0, 0.0]])}
     # weights [0.5, 0.5]: chosen [1, 0], rejected [0, 0.5] -> diffs [1, -0.5] -> accuracy 0.5
-    m = validation_metrics(pred, ["a", "b"], [0.5, 0.5])
+    m = get_data_kind("pairs").metrics(pred, ["a", "b"], [0.5, 0.5])
     assert m["accuracy"] == approx(0.5) and m["mean_margin"] == approx(0.25)
     # weights [0, 1]: chosen [1, 0], rejected [0, 0] -> [win, tie] -> 0.75
-    assert validation_metrics(pred, ["a", "b"], [0.0, 1.0])["accuracy"] == approx(0.75)
+    assert get_data_kind("pairs").metrics(pred, ["a", "b"], [0.0, 1.0])["accuracy"] == approx(0.75)

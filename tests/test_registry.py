@@ -104,7 +104,7 @@ def hinge_loss(outputs, batch, cfg):
 @pytest.fixture
 def hinge_type():
     spec = register_reward_model_type(
-        RewardModelSpec(name="hinge_ranking", losses={"hinge": hinge_loss}, default_loss="hinge", pair_losses=frozenset({"hinge"}))
+        RewardModelSpec(name="hinge_ranking", losses={"hinge": hinge_loss}, default_loss="hinge", loss_data={"hinge": "pairs"})
     )
     CALLS.clear()
     yield spec

@@ -197,7 +197,7 @@ class _NaNAt:
 @pytest.fixture
 def nan_type():
     fn = _NaNAt({3})
-    register_reward_model_type(RewardModelSpec(name="nan_test", losses={"bt": fn}, default_loss="bt", pair_losses=frozenset({"bt"})))
+    register_reward_model_type(RewardModelSpec(name="nan_test", losses={"bt": fn}, default_loss="bt", loss_data={"bt": "pairs"}))
     yield fn
     unregister_reward_model_type("nan_test")
 

@@ -106,7 +106,7 @@ def test_a_resumed_run_says_what_changed_since_its_checkpoint(resume_runs, tiny_
     args = _base(tiny_model("llama"), pairs_file, root / "a", "train.max_steps=12", "train.save_steps=4",
                  "model.dropout=0.1", "train.save_total_limit=0", "train.log_steps=2", "train.eval_steps=4", "train.precision=auto")
     cfg = load_config(None, args + ["train.resume_from=auto"])
-    from rewardforge.train import effective_precision
+    from rewardforge.training.precision import effective_precision
 
     cfg.train.precision = effective_precision(cfg)  # as setup() resolves it
     assert config_changes(ckpt, cfg) == ["train.max_steps 8 -> 12"]

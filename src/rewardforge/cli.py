@@ -58,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(dump_config(cfg))
         return 0
     if args.estimate_memory:
-        from rewardforge.train import estimate_for_config
+        from rewardforge.training.memory import estimate_for_config
 
         est = estimate_for_config(cfg, args.processes)
         print(json.dumps(est, indent=2))
@@ -207,15 +207,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from rewardforge.eval.report import format_table
-    from rewardforge.eval.runner import evaluate_model, parse_field_map, split_models_and_data
+    from rewardforge.eval.data import parse_field_map, split_models_and_data
+    from rewardforge.eval.runner import evaluate_model
 
     validation_split = False
     if not args.data and len(args.paths) == 1 and (Path(args.paths[0]) / "config.yaml").is_file() \
             and (Path(args.paths[0]) / "model" / "rewardforge.json").is_file():
         # a run directory alone: its validation split (its validation files, or its held-out training prompts)
-        import yaml
+        from rewardforge.config import read_config_file
 
-        run_cfg = yaml.safe_load((Path(args.paths[0]) / "config.yaml").read_text())["data"]
+        run_cfg = read_config_file(args.paths[0])["data"]
         args.data = list(run_cfg.get("validation") or run_cfg["train"])
         validation_split = not run_cfg.get("validation")
         print(f"evaluating {args.paths[0]} on its validation split: "

@@ -98,13 +98,18 @@ class TrainConfig:
     resume_from: str = _f("", "Checkpoint directory to resume from, or 'auto' for the latest complete one in output_dir.")
     log_steps: int = _f(10, "Append training metrics to metrics.jsonl every N optimizer steps.")
     report_to: list[str] = _f([], "Experiment trackers (through accelerate) that get every metric metrics.jsonl gets, with the same names (split/metric) and steps, plus the resolved config and the data report as hyperparameters, from the main process: tensorboard, wandb, mlflow, or none; each an optional extra (pip install 'rewardforge[tensorboard]'). They write under output_dir/trackers (wandb and mlflow: unless WANDB_DIR / MLFLOW_TRACKING_URI say otherwise).")
-    eval_batch_size: int = _f(0, "Pairs per validation batch (0: 2 x batch_size).")
+    eval_batch_size: int = _f(0, "Pairs per validation batch (0: 2 x batch_size; read it as train.validation_batch_size).")
     threads: int = _f(0, "torch CPU threads (0 keeps torch's default).")
     nonfinite: str = _f("stop", "On a NaN/inf loss or gradient: stop (keeping the last checkpoint) or skip the optimizer step.")
     max_skipped_steps: int = _f(10, "With nonfinite=skip, stop once this many steps have been skipped in the run.")
     strategy: str = _f("auto", "Several processes: ddp (replicate; the default, 'auto') or fsdp (shard weights, gradients and optimizer state; the backbone's transformer block is the wrap unit).")
     fsdp_cpu_offload: bool = _f(False, "With strategy=fsdp: keep sharded weights, gradients and optimizer state in CPU memory.")
     share_prompt: bool = _f(False, "Pairs only, decoders (last_token pooling) with sdpa/eager attention: compute the tokens chosen and rejected share (the prompt) once per pair, in one packed row with a branch attention mask; same rewards and gradients, fewer tokens computed.")
+
+    @property
+    def validation_batch_size(self) -> int:
+        """Pairs per validation (and in-training eval) batch: ``eval_batch_size``, or 2 x ``batch_size``."""
+        return self.eval_batch_size or 2 * self.batch_size
 
 
 @dataclass
@@ -141,12 +146,21 @@ _CHOICES = {
 }
 
 
+def choices() -> dict[tuple[str, str], tuple[str, ...]]:
+    """Every setting with a fixed list of values, and the list (the data formats and templates come from
+    their modules in ``data/``, which import without torch)."""
+    from rewardforge.data.formats import FORMATS
+    from rewardforge.data.template import TEMPLATES
+
+    return {**_CHOICES, ("data", "format"): FORMATS, ("data", "template"): TEMPLATES}
+
+
 def validate(cfg: Config) -> None:
     """Reject bad values and conflicting options, naming the key and the fix."""
-    for (section, key), choices in _CHOICES.items():
+    for (section, key), choices_ in choices().items():
         value = getattr(getattr(cfg, section), key)
-        if value not in choices:
-            raise ConfigError(f"{section}.{key}={value!r} is not valid; choose one of {', '.join(choices)}")
+        if value not in choices_:
+            raise ConfigError(f"{section}.{key}={value!r} is not valid; choose one of {', '.join(choices_)}")
     for t in cfg.train.report_to:
         if t not in TRACKERS:
             raise ConfigError(f"train.report_to has {t!r}; choose from {', '.join(TRACKERS)}")
@@ -375,8 +389,24 @@ def ensure_writable_dir(path: str | Path, setting: str) -> Path:
     return out
 
 
-def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+CONFIG_FILE = "config.yaml"  # a run's and a checkpoint's resolved config
+
+
+def dump_config(cfg: Config | dict) -> str:
+    """The YAML of a config (or of its ``to_dict()``): what ``--print-config`` shows and ``config.yaml`` holds."""
+    return yaml.safe_dump(cfg.to_dict() if isinstance(cfg, Config) else cfg, sort_keys=False)
+
+
+def write_config(cfg: Config | dict, directory: str | Path) -> Path:
+    """Write ``directory/config.yaml`` (the one writer of a run's and a checkpoint's config)."""
+    path = Path(directory) / CONFIG_FILE
+    path.write_text(dump_config(cfg))
+    return path
+
+
+def read_config_file(directory: str | Path) -> dict:
+    """The raw mapping in ``directory/config.yaml`` (as written by :func:`write_config`)."""
+    return yaml.safe_load((Path(directory) / CONFIG_FILE).read_text())
 
 
 def describe() -> str:

@@ -1,7 +1,10 @@
-"""Registry of reward model types: each name maps to its model class, dataset builder and losses.
+"""Registry of reward model types: each name maps to its model builder, data kinds and losses.
 
-The training loop only talks to a :class:`RewardModelSpec`, so a new type registers here with
-:func:`register_reward_model_type` without touching the loop.
+The training loop only talks to a :class:`ResolvedType`, resolved once in ``setup()`` from the spec
+and the config (``spec.resolve(cfg)``), so a new type registers here with
+:func:`register_reward_model_type` without touching the loop. A type whose data is neither
+preference pairs nor rated responses also registers its :class:`DataKind` (collator and validation
+metrics) with :func:`register_data_kind`.
 
 Example:
     >>> spec = get_reward_model_spec("binary_ranking")
@@ -20,7 +23,7 @@ import torch
 from rewardforge.config import Config, ConfigError
 from rewardforge.data.batching import PairCollator, RatedCollator
 from rewardforge.data.datasets import build_dataset
-from rewardforge.losses import bradley_terry_loss, masked_mse_loss, pairwise_accuracy, scaled_bradley_terry_loss
+from rewardforge.losses import PAIR_LOSSES, RATED_LOSSES, attribute_weights, combine, output_names  # noqa: F401 (public)
 from rewardforge.models.reward_model import RewardModel, build_model
 
 LossFn = Callable[[torch.Tensor, dict, Config], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
@@ -33,66 +36,55 @@ class RewardModelType(str, enum.Enum):
     REGRESSION = "regression"
 
 
-# ------------------------------------------------------------------ shared helpers
+# ------------------------------------------------------------------ data kinds
 
 
-def output_names(cfg: Config) -> list[str]:
-    """Names of the model outputs: the attributes, or ['reward'] for a scalar model."""
-    return list(cfg.model.attributes) if cfg.model.attributes else ["reward"]
+@dataclass(frozen=True)
+class DataKind:
+    """What a kind of training data needs beyond its dataset builder.
+
+    Attributes:
+        name: ``pairs``, ``rated`` or a registered kind (``data.datasets.build_dataset(kind=...)``).
+        collator: ``fn(pad_id) -> collate`` for the training and validation batches.
+        metrics: ``fn(pred, output_names, weights) -> dict``: the validation metrics of the outputs
+            that :func:`rewardforge.training.validation.predict` gives for this kind's batches.
+    """
+
+    name: str
+    collator: Callable[[int], Any]
+    metrics: Callable[[dict, list[str], list[float]], dict[str, Any]]
 
 
-def attribute_weights(cfg: Config) -> list[float]:
-    """Weights that combine the outputs into one scalar reward (default: their mean)."""
-    n = len(output_names(cfg))
-    return list(cfg.model.attribute_weights) if cfg.model.attribute_weights else [1.0 / n] * n
+def _pair_metrics(pred, names, weights):
+    from rewardforge.training.validation import pair_metrics
+
+    return pair_metrics(combine(pred["chosen"], weights), combine(pred["rejected"], weights)) if pred else {"pairs": 0}
 
 
-def combine(outputs: torch.Tensor, weights: list[float]) -> torch.Tensor:
-    """Scalar reward ``outputs @ weights`` for outputs ``[B, N]``."""
-    if outputs.shape[-1] == 1:
-        return outputs[..., 0]
-    return outputs @ torch.tensor(weights, dtype=outputs.dtype, device=outputs.device)
+def _rated_metrics(pred, names, weights):
+    from rewardforge.training.validation import regression_metrics
+
+    return regression_metrics(pred["pred"], pred["labels"], names) if pred else {"examples": 0}
 
 
-def _pair_rewards(outputs: torch.Tensor, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    r = combine(outputs, attribute_weights(cfg))
-    b = r.shape[0] // 2
-    return r[:b], r[b:]
+_DATA_KINDS: dict[str, DataKind] = {
+    "pairs": DataKind("pairs", PairCollator, _pair_metrics),
+    "rated": DataKind("rated", RatedCollator, _rated_metrics),
+}
 
 
-def _pair_stats(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"accuracy": pairwise_accuracy(chosen.detach(), rejected.detach()), "margin": (chosen - rejected).detach().mean()}
+def register_data_kind(kind: DataKind, *, overwrite: bool = False) -> DataKind:
+    if kind.name in _DATA_KINDS and not overwrite:
+        raise ValueError(f"data kind {kind.name!r} is already registered; pass overwrite=True to replace it")
+    _DATA_KINDS[kind.name] = kind
+    return kind
 
 
-def bt_loss(outputs: torch.Tensor, batch: dict, cfg: Config):
-    """Bradley–Terry on the (combined) reward, with the pair's margin when present and enabled."""
-    c, r = _pair_rewards(outputs, cfg)
-    margin = batch.get("margin") if cfg.loss.use_margin else None
-    return bradley_terry_loss(c, r, margin, cfg.loss.center_rewards_coef), _pair_stats(c, r)
-
-
-def plain_bt_loss(outputs: torch.Tensor, batch: dict, cfg: Config):
-    """Bradley–Terry ignoring margins (NeMo's regular BT)."""
-    c, r = _pair_rewards(outputs, cfg)
-    return bradley_terry_loss(c, r, None, cfg.loss.center_rewards_coef), _pair_stats(c, r)
-
-
-def scaled_bt_loss(outputs: torch.Tensor, batch: dict, cfg: Config):
-    """NeMo's scaled BT: each pair's loss weighted by |margin|."""
-    c, r = _pair_rewards(outputs, cfg)
-    return scaled_bradley_terry_loss(c, r, batch["margin"], cfg.loss.center_rewards_coef), _pair_stats(c, r)
-
-
-def mse_loss(outputs: torch.Tensor, batch: dict, cfg: Config):
-    """Masked MSE over the attributes present in each row."""
-    labels = batch["labels"]
-    loss = masked_mse_loss(outputs, labels)
-    mask = torch.isfinite(labels)
-    mae = (torch.where(mask, (outputs.detach() - torch.nan_to_num(labels)).abs(), 0.0).sum() / mask.sum().clamp(min=1))
-    return loss, {"mae": mae}
-
-
-PAIR_LOSSES = {"bradley_terry": bt_loss, "margin_bradley_terry": bt_loss, "regular_bradley_terry": plain_bt_loss, "scaled_bradley_terry": scaled_bt_loss}
+def get_data_kind(name: str) -> DataKind:
+    try:
+        return _DATA_KINDS[name]
+    except KeyError:
+        raise ValueError(f"data kind {name!r} is not registered; the registered ones are {', '.join(_DATA_KINDS)}") from None
 
 
 # ------------------------------------------------------------------ the spec
@@ -107,18 +99,18 @@ class RewardModelSpec:
         losses: loss name -> ``fn(outputs [rows, N], batch, cfg) -> (loss, stats)``; for pair data
             ``outputs`` holds the chosen rows first, then the rejected rows.
         default_loss: the loss used when ``loss.name=auto``.
-        pair_losses: the loss names that train on preference pairs (the rest on rated rows).
+        loss_data: loss name -> the data kind it trains on; a loss not named here trains on
+            ``pairs`` if it is a pair loss of :data:`rewardforge.losses.PAIR_LOSSES`, else on ``rated``.
         build_model: ``fn(cfg, tokenizer) -> RewardModel``.
     """
 
     name: str
     losses: dict[str, LossFn]
     default_loss: str
-    pair_losses: frozenset[str] = frozenset(PAIR_LOSSES)
+    loss_data: dict[str, str] = field(default_factory=dict)
     build_model: Callable[[Config, Any], RewardModel] = field(
         default=lambda cfg, tok: build_model(cfg.model, tok, len(output_names(cfg)), output_names(cfg))
     )
-    model_class: type = RewardModel
 
     def loss_name(self, cfg: Config) -> str:
         name = self.default_loss if cfg.loss.name == "auto" else cfg.loss.name
@@ -129,38 +121,62 @@ class RewardModelSpec:
             )
         return name
 
-    def loss_fn(self, cfg: Config) -> LossFn:
-        return self.losses[self.loss_name(cfg)]
-
     def data_kind(self, cfg: Config) -> str:
-        """``pairs`` or ``rated``: which dataset builder this config needs."""
-        return "pairs" if self.loss_name(cfg) in self.pair_losses else "rated"
+        """Which dataset builder this config needs (``pairs``, ``rated`` or a registered kind)."""
+        name = self.loss_name(cfg)
+        return self.loss_data.get(name, "pairs" if name in PAIR_LOSSES else "rated")
+
+    def check(self, cfg: Config) -> None:
+        """Reject configs this type cannot train (one line naming the key and the fix)."""
+        self.loss_name(cfg)
+
+    def resolve(self, cfg: Config) -> "ResolvedType":
+        """The checked spec with everything the loop derives from the config, computed once."""
+        self.check(cfg)
+        name = self.loss_name(cfg)
+        return ResolvedType(self, name, self.losses[name], get_data_kind(self.data_kind(cfg)), output_names(cfg),
+                            attribute_weights(cfg))
+
+
+@dataclass(frozen=True)
+class ResolvedType:
+    """A reward model type resolved for one config: what ``setup()`` keeps on the ``Run``."""
+
+    spec: RewardModelSpec
+    loss_name: str
+    loss_fn: LossFn
+    data: DataKind
+    output_names: list[str]
+    weights: list[float]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def build_model(self, cfg: Config, tokenizer) -> RewardModel:
+        return self.spec.build_model(cfg, tokenizer)
 
     def build_dataset(self, cfg: Config, tokenizer, sources: list[str]):
         d = cfg.data
         return build_dataset(
-            sources, tokenizer, kind=self.data_kind(cfg), fmt=d.format, max_length=d.max_length, truncation=d.truncation,
+            sources, tokenizer, kind=self.data.name, fmt=d.format, max_length=d.max_length, truncation=d.truncation,
             attributes=list(cfg.model.attributes), skip_bad_rows=d.skip_bad_rows, field_map=dict(d.field_map),
             split=d.split, cache_dir=d.cache_dir or None, drop_duplicates=d.drop_duplicates,
         )
 
-    def collator(self, cfg: Config, pad_id: int):
-        return PairCollator(pad_id) if self.data_kind(cfg) == "pairs" else RatedCollator(pad_id)
+    def collator(self, pad_id: int):
+        return self.data.collator(pad_id)
 
-    def check(self, cfg: Config) -> None:
-        """Reject configs this type cannot train."""
-        self.loss_name(cfg)
-
-
-def _check_regression(cfg: Config) -> None:
-    if not cfg.model.attributes:
-        raise ConfigError("model.reward_model_type=regression needs model.attributes, e.g. [helpfulness, safety]")
+    def metrics(self, pred: dict) -> dict[str, Any]:
+        """Validation metrics of :func:`~rewardforge.training.validation.predict`'s outputs."""
+        return self.data.metrics(pred, self.output_names, self.weights)
 
 
 class _RegressionSpec(RewardModelSpec):
     def check(self, cfg: Config) -> None:
         super().check(cfg)
-        _check_regression(cfg)
+        if not cfg.model.attributes:
+            raise ConfigError("model.reward_model_type=regression needs model.attributes, e.g. [helpfulness, safety]")
 
 
 class _BinarySpec(RewardModelSpec):
@@ -178,7 +194,7 @@ _REGISTRY: dict[str, RewardModelSpec] = {
         name="binary_ranking", losses=dict(PAIR_LOSSES), default_loss="bradley_terry"
     ),
     RewardModelType.REGRESSION.value: _RegressionSpec(
-        name="regression", losses={"mse": mse_loss, **PAIR_LOSSES}, default_loss="mse"
+        name="regression", losses={**RATED_LOSSES, **PAIR_LOSSES}, default_loss="mse"
     ),
 }
 
@@ -210,3 +226,8 @@ def get_reward_model_spec(name: str | RewardModelType) -> RewardModelSpec:
         return _REGISTRY[key]
     except KeyError:
         raise ConfigError(f"model.reward_model_type={key!r} is not registered; choose one of {', '.join(_REGISTRY)}") from None
+
+
+def resolve_type(cfg: Config) -> ResolvedType:
+    """``get_reward_model_spec(cfg.model.reward_model_type).resolve(cfg)``."""
+    return get_reward_model_spec(cfg.model.reward_model_type).resolve(cfg)

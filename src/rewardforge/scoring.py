@@ -18,7 +18,9 @@ import torch
 from rewardforge.data.batching import pad_sequences
 from rewardforge.data.formats import Conversation
 from rewardforge.data.inputs import ModelInputs
-from rewardforge.models.reward_model import RewardModel, load_reward_model
+from rewardforge.export.model_dir import load_reward_model
+from rewardforge.losses import combine
+from rewardforge.models.reward_model import RewardModel
 
 
 @dataclass
@@ -104,7 +106,7 @@ class RewardScorer:
             input_ids, mask = pad_sequences([ids[i] for i in idx], self.tokenizer.pad_token_id)
             out = self.model(input_ids.to(self.device), mask.to(self.device))
             outputs[idx] = out.float().cpu().numpy()
-        reward = outputs[:, 0].astype(np.float64) if outputs.shape[1] == 1 else outputs.astype(np.float64) @ self.weights
+        reward = combine(outputs, self.weights)
         mean, std = float(self.meta.get("reward_mean", 0.0)), float(self.meta.get("reward_std", 1.0)) or 1.0
         num_tokens = np.array([len(x) for x in ids], np.int64)
         return Scores(reward.astype(np.float32), ((reward - mean) / std).astype(np.float32), outputs, num_tokens,

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -24,16 +25,15 @@ import torch
 
 from rewardforge.training.checkpoint import (
     TrainerState,
-    check_free_space,
     list_checkpoints,
     read_config,
     read_state,
     resolve_resume,
     save_checkpoint,
 )
-from rewardforge.config import Config, ConfigError, config_from_dict, ensure_writable_dir
+from rewardforge.config import Config, ConfigError, config_from_dict, ensure_writable_dir, write_config
 from rewardforge.data.batching import BatchSampler
-from rewardforge.data.datasets import DataReport, show_progress, split_by_prompt
+from rewardforge.data.datasets import show_progress, split_by_prompt
 from rewardforge.data.readers import DataError
 from rewardforge.data.template import setup_template
 from rewardforge.training.distributed import (
@@ -44,13 +44,15 @@ from rewardforge.training.distributed import (
     resolve_strategy,
     shard_model,
 )
-from rewardforge.training.validation import pair_verdict, predict, validation_metrics
+from rewardforge.training.validation import pair_verdict, predict
 from rewardforge.export.model_dir import prompt_fingerprint, reward_statistics, write_model_dir
 from rewardforge.training.faults import fault_point
 from rewardforge.models.reward_model import load_tokenizer, set_attention
 from rewardforge.data.packing import PackedPairCollator, check_share_prompt, model_kwargs
-from rewardforge.training.precision import MasterWeights, precision_reason, resolve_precision
-from rewardforge.registry import RewardModelSpec, attribute_weights, get_reward_model_spec, output_names
+from rewardforge.training.memory import check_free_space, estimate_memory
+from rewardforge.training.precision import MasterWeights, effective_precision, precision_reason
+from rewardforge.losses import combine
+from rewardforge.registry import ResolvedType, resolve_type
 
 
 @dataclass
@@ -58,7 +60,7 @@ class Run:
     """Everything ``setup`` builds for the loop."""
 
     cfg: Config
-    spec: RewardModelSpec
+    rtype: ResolvedType  # the reward model type resolved for cfg: loss, data kind, collator, outputs, weights
     accelerator: Any
     tokenizer: Any
     template: str
@@ -85,7 +87,7 @@ class Run:
     def compute(self):
         """The context forward and backward passes run in: bf16 copies of the weights under
         ``train.precision=bf16_master`` on one process (FSDP casts by itself), else nothing."""
-        return self.master.compute() if self.master is not None else _null()
+        return self.master.compute() if self.master is not None else contextlib.nullcontext()
 
     def bare_model(self):
         """The model without accelerate's DDP wrapper (an FSDP model is itself)."""
@@ -105,10 +107,8 @@ def predict_sharded(run: "Run", data, desc: str = "validate") -> dict[str, Any]:
 
     Examples are sharded by batch, never padded with duplicates, so metrics count each example once.
     """
-    import numpy as np
-
     acc, cfg = run.accelerator, run.cfg
-    batches = BatchSampler(data.lengths(), cfg.train.eval_batch_size or 2 * cfg.train.batch_size, shuffle=False).batches()
+    batches = BatchSampler(data.lengths(), cfg.train.validation_batch_size, shuffle=False).batches()
     mine = batches[acc.process_index :: acc.num_processes]
     if run.strategy == "fsdp" and batches:
         # FSDP's forward gathers weights with the other processes: all must run as many batches.
@@ -132,12 +132,12 @@ def predict_sharded(run: "Run", data, desc: str = "validate") -> dict[str, Any]:
     return pred
 
 
-def load_data(cfg: Config, spec: RewardModelSpec, tokenizer):
+def load_data(cfg: Config, rtype: ResolvedType, tokenizer):
     """Build train and validation datasets and their reports (validation split by prompt hash if not given)."""
-    train_all, train_report = spec.build_dataset(cfg, tokenizer, cfg.data.train)
+    train_all, train_report = rtype.build_dataset(cfg, tokenizer, cfg.data.train)
     reports: dict[str, Any] = {"train": train_report.as_dict()}
     if cfg.data.validation:
-        val, val_report = spec.build_dataset(cfg, tokenizer, cfg.data.validation)
+        val, val_report = rtype.build_dataset(cfg, tokenizer, cfg.data.validation)
         train = train_all
         reports["validation"] = val_report.as_dict()
     else:
@@ -156,63 +156,6 @@ def load_data(cfg: Config, spec: RewardModelSpec, tokenizer):
             f"(train has {len(train_all)} examples)"
         )
     return train, val, reports
-
-
-def estimate_memory(model, cfg: Config, max_tokens: int, shards: int = 1) -> dict[str, float]:
-    """A rough per-process memory estimate in GiB for training ``model`` with ``cfg``.
-
-    weights (4 B/param, fp32 master copy) + gradients and AdamW moments (4 + 8 B per trainable
-    param), divided by ``shards`` under FSDP (plus one gathered block at a time),
-    + activations of one micro-batch of 2 x batch_size sequences of ``max_tokens``, per layer
-    ``s*b*h*(34 + 5*a*s/h)`` bytes at 16 bits (Korthikanti et al. 2022), doubled in fp32, and only
-    ~2 layers' worth with gradient checkpointing.
-    """
-    hf = getattr(model, "hf", model)
-    c = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    h, layers, heads = c.hidden_size, c.num_hidden_layers, c.num_attention_heads
-    b, s_len = 2 * cfg.train.batch_size, max_tokens
-    precision = effective_precision(cfg)
-    half = precision in ("bf16", "bf16_master")
-    per_layer = s_len * b * h * (34 + 5 * heads * s_len / h) * (1 if half else 2)
-    act = per_layer * (2 if cfg.model.gradient_checkpointing else layers)
-    gib = 1024**3
-    gathered = 2 * 4 * total / max(layers, 1) if shards > 1 else 0.0  # a block's full weights and grads
-    out = {"parameters": total, "trainable_parameters": trainable, "shards": shards,
-           # bf16_master adds a bf16 copy of the weights (gathered per block under FSDP)
-           "weights_gib": ((4 + 2 * (precision == "bf16_master" and shards == 1)) * total / shards + gathered) / gib,
-           "grads_and_optimizer_gib": 12 * trainable / shards / gib, "activations_gib": act / gib}
-    out["total_gib"] = out["weights_gib"] + out["grads_and_optimizer_gib"] + out["activations_gib"]
-    return out
-
-
-def estimate_for_config(cfg: Config, processes: int = 1) -> dict[str, float]:
-    """:func:`estimate_memory` for a config before launching it: the model is built without its weights.
-
-    ``processes`` matters under ``train.strategy=fsdp`` (states are sharded over them); the
-    activations assume sequences of ``data.max_length``, the worst case.
-    """
-    from rewardforge.models.reward_model import empty_weights
-
-    spec = get_reward_model_spec(cfg.model.reward_model_type)
-    spec.check(cfg)
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    with empty_weights():
-        model = spec.build_model(cfg, tokenizer)
-    shards = processes if cfg.train.strategy == "fsdp" and processes > 1 else 1
-    # the precision that launch would train in (auto under DDP: bf16, not bf16_master's extra bf16 copy)
-    cfg = replace(cfg, train=replace(cfg.train, precision=effective_precision(cfg, processes)))
-    return {"processes": processes, "strategy": cfg.train.strategy, **estimate_memory(model, cfg, cfg.data.max_length, shards=shards)}
-
-
-def effective_precision(cfg: Config, processes: int | None = None) -> str:
-    """``train.precision`` for this machine and a launch of ``processes`` (default: this launch's
-    ``WORLD_SIZE``), with ``auto`` resolved (see :func:`resolve_precision`)."""
-    if processes is None:
-        processes = int(os.environ.get("WORLD_SIZE", "1"))
-    ddp = processes > 1 and cfg.train.strategy != "fsdp"
-    return resolve_precision(cfg.train.precision, device_type="cuda" if torch.cuda.is_available() else "cpu", ddp=ddp)
 
 
 def _make_accelerator(cfg: Config):
@@ -299,102 +242,132 @@ def _start_trackers(run: "Run") -> None:
 
 
 def setup(cfg: Config, *, accelerator=None) -> Run:
-    """Build accelerator, tokenizer, model, data, optimizer and scheduler; restore a checkpoint if asked."""
-    from accelerate.utils import set_seed
-    from transformers import get_scheduler
+    """Build accelerator, tokenizer, model, data, optimizer and scheduler; restore a checkpoint if asked.
 
-    spec = get_reward_model_spec(cfg.model.reward_model_type)
-    spec.check(cfg)
+    ``cfg`` is not changed: the run keeps a copy with ``train.precision`` resolved (``auto`` -> what it
+    means on this machine), which is what ``config.yaml`` records.
+    """
+    from accelerate.utils import set_seed
+
+    rtype = resolve_type(cfg)  # the type, its loss, data kind and outputs: resolved once, kept on the run
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
-    requested = cfg.train.precision
-    cfg.train.precision = effective_precision(cfg)  # auto -> what it means here, recorded in the run's config
+    requested, precision = cfg.train.precision, effective_precision(cfg)
+    cfg = replace(cfg, train=replace(cfg.train, precision=precision))
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 and cfg.train.strategy != "fsdp"
-    why_precision = precision_reason(requested, cfg.train.precision, device_type="cuda" if torch.cuda.is_available() else "cpu",
-                                     ddp=ddp)
-    out = Path(cfg.output_dir)
+    why_precision = precision_reason(requested, precision, device_type="cuda" if torch.cuda.is_available() else "cpu", ddp=ddp)
     accelerator = accelerator or _make_accelerator(cfg)
+    strategy = _check_strategy(cfg, accelerator)
+    if accelerator.is_main_process:
+        ensure_writable_dir(Path(cfg.output_dir), "output_dir")
+    set_seed(cfg.train.seed)
+
+    tokenizer, model, template = _setup_model(cfg, rtype, accelerator)
+    train_data, val_data, reports, sampler, collate = _setup_data(cfg, rtype, tokenizer, accelerator)
+    accum = cfg.train.gradient_accumulation_steps
+    steps_per_epoch = max(1, math.ceil(len(sampler.plan(accelerator.num_processes)) / accum))
+    total = cfg.train.max_steps if cfg.train.max_steps > 0 else max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    if accelerator.is_main_process:
+        check_free_space(Path(cfg.output_dir), sum(p.numel() for p in model.parameters()),
+                         sum(p.numel() for p in model.parameters() if p.requires_grad), cfg.train.save_total_limit)
+    if strategy == "fsdp":
+        model = shard_model(model, cfg, accelerator.device)  # before the optimizer: it must see the shards
+    optimizer, scheduler = _setup_optimizer(cfg, model, total)
+    if strategy != "fsdp":
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    run = Run(cfg, rtype, accelerator, tokenizer, template, model, optimizer, scheduler, train_data, val_data, sampler,
+              collate, total, steps_per_epoch, reports, strategy=strategy, precision_reason=why_precision)
+    if precision == "bf16_master" and strategy == "single":
+        run.master = MasterWeights(run.bare_model(), keep_fp32=(run.bare_model().head(),))
+    _start_trackers(run)
+    if cfg.eval.datasets and accelerator.is_main_process:
+        from rewardforge.eval.data import load_eval_data
+
+        names = rtype.output_names
+        run.extra_eval = load_eval_data(list(cfg.eval.datasets), attributes=names if len(names) > 1 else None,
+                                        subset_field=cfg.eval.subset_field or None)
+    _restore(run)
+    return run
+
+
+def _check_strategy(cfg: Config, accelerator) -> str:
+    """The distributed strategy of this launch, and the settings it cannot run with."""
     strategy = resolve_strategy(cfg, accelerator)
     if strategy == "ddp" and cfg.train.precision == "bf16_master":
         raise ConfigError("train.precision=bf16_master runs on one process or with train.strategy=fsdp (FSDP's "
                           "mixed-precision policy); with DDP use train.precision=bf16 or set train.strategy=fsdp")
     if strategy == "fsdp" and cfg.eval.datasets:
         raise ConfigError("eval.datasets is not supported with train.strategy=fsdp; evaluate the export with `rewardforge eval`")
-    if accelerator.is_main_process:
-        ensure_writable_dir(out, "output_dir")
-    set_seed(cfg.train.seed)
+    return strategy
 
+
+def _setup_model(cfg: Config, rtype: ResolvedType, accelerator):
+    """Tokenizer, reward model (attention kernel set) and the installed template."""
     tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    model = spec.build_model(cfg, tokenizer)  # may add a pad token: data is tokenized after this
+    model = rtype.build_model(cfg, tokenizer)  # may add a pad token: data is tokenized after this
     set_attention(model, cfg.model.attn_implementation, cfg.train.precision, accelerator.device)
     if cfg.train.share_prompt:
-        if spec.data_kind(cfg) != "pairs":
+        if rtype.data.name != "pairs":
             raise ConfigError("train.share_prompt=true needs a pair loss (preference pairs); set train.share_prompt=false")
         check_share_prompt(model)
-    template = setup_template(tokenizer, cfg.data.template)
-    with accelerator.main_process_first():  # the others then read the tokenization cache it wrote
-        train_data, val_data, reports = load_data(cfg, spec, tokenizer)
+    return tokenizer, model, setup_template(tokenizer, cfg.data.template)
 
-    collate = PackedPairCollator(tokenizer.pad_token_id) if cfg.train.share_prompt else spec.collator(cfg, tokenizer.pad_token_id)
+
+def _setup_data(cfg: Config, rtype: ResolvedType, tokenizer, accelerator):
+    """Train and validation datasets with their reports, the training batch sampler and the collator."""
+    with accelerator.main_process_first():  # the others then read the tokenization cache it wrote
+        train_data, val_data, reports = load_data(cfg, rtype, tokenizer)
+    collate = PackedPairCollator(tokenizer.pad_token_id) if cfg.train.share_prompt else rtype.collator(tokenizer.pad_token_id)
     sampler = BatchSampler(
         train_data.lengths(), cfg.train.batch_size, shuffle=True, group_by_length=cfg.data.group_by_length, seed=cfg.train.seed
     )
-    accum = cfg.train.gradient_accumulation_steps
-    steps_per_epoch = max(1, math.ceil(len(sampler.plan(accelerator.num_processes)) / accum))
-    total = cfg.train.max_steps if cfg.train.max_steps > 0 else max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    return train_data, val_data, reports, sampler, collate
 
-    if accelerator.is_main_process:
-        check_free_space(out, sum(p.numel() for p in model.parameters()),
-                         sum(p.numel() for p in model.parameters() if p.requires_grad), cfg.train.save_total_limit)
-    if strategy == "fsdp":
-        model = shard_model(model, cfg, accelerator.device)  # before the optimizer: it must see the shards
+
+def _setup_optimizer(cfg: Config, model, total_steps: int):
+    """AdamW (no weight decay on biases and norms) and the learning-rate schedule."""
+    from transformers import get_scheduler
+
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     if not decay and not no_decay:
         raise ConfigError("no trainable parameters: lower model.freeze_layers_fraction")
-    params = decay + no_decay
     # The fused kernel steps all tensors at once (3x faster than per-tensor on CPU; TRL uses it too).
-    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in decay + no_decay)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.train.learning_rate, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps,
         fused=fused,
     )
     sched_name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.train.lr_scheduler]
-    scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * total), num_training_steps=total)
-    if strategy != "fsdp":
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    scheduler = get_scheduler(sched_name, optimizer, num_warmup_steps=int(cfg.train.warmup_ratio * total_steps),
+                              num_training_steps=total_steps)
+    return optimizer, scheduler
 
-    run = Run(cfg, spec, accelerator, tokenizer, template, model, optimizer, scheduler, train_data, val_data, sampler,
-              collate, total, steps_per_epoch, reports, strategy=strategy, precision_reason=why_precision)
-    if cfg.train.precision == "bf16_master" and strategy == "single":
-        run.master = MasterWeights(run.bare_model(), keep_fp32=(run.bare_model().head(),))
-    _start_trackers(run)
-    if cfg.eval.datasets and accelerator.is_main_process:
-        from rewardforge.eval.runner import load_eval_data
 
-        names = output_names(cfg)
-        run.extra_eval = load_eval_data(list(cfg.eval.datasets), attributes=names if len(names) > 1 else None,
-                                        subset_field=cfg.eval.subset_field or None)
-    ckpt = resolve_resume(cfg.train.resume_from, out)
-    if ckpt is not None:
-        run.state, saved_world, saved_batch = read_state(ckpt)
-        _load_state(run, ckpt)
-        run.resumed_from = str(ckpt)
-        global_batch = cfg.train.batch_size * accelerator.num_processes
-        if saved_batch != global_batch:
-            # Another global batch size gives another plan: keep the position in examples.
-            run.state.batch_in_epoch = run.state.batch_in_epoch * saved_batch // global_batch
-        if saved_world != accelerator.num_processes and accelerator.is_main_process:
-            print(f"resuming a {saved_world}-process checkpoint with {accelerator.num_processes} processes "
-                  f"(global batch {saved_batch} -> {global_batch}); processes without a saved RNG stream get a fresh one")
-        if accelerator.is_main_process:
-            changed = config_changes(ckpt, cfg)
-            print(f"resumed from {ckpt} at step {run.state.step} (epoch {run.state.epoch})"
-                  + (f"; changed since that checkpoint: {', '.join(changed)}" if changed else ""))
-    return run
+def _restore(run: Run) -> None:
+    """Resume from ``train.resume_from`` when it names a checkpoint (or ``auto`` finds one)."""
+    cfg, accelerator = run.cfg, run.accelerator
+    ckpt = resolve_resume(cfg.train.resume_from, Path(cfg.output_dir))
+    if ckpt is None:
+        return
+    run.state, saved_world, saved_batch = read_state(ckpt)
+    _load_state(run, ckpt)
+    run.resumed_from = str(ckpt)
+    global_batch = cfg.train.batch_size * accelerator.num_processes
+    if saved_batch != global_batch:
+        # Another global batch size gives another plan: keep the position in examples.
+        run.state.batch_in_epoch = run.state.batch_in_epoch * saved_batch // global_batch
+    if saved_world != accelerator.num_processes and accelerator.is_main_process:
+        print(f"resuming a {saved_world}-process checkpoint with {accelerator.num_processes} processes "
+              f"(global batch {saved_batch} -> {global_batch}); processes without a saved RNG stream get a fresh one")
+    if accelerator.is_main_process:
+        changed = config_changes(ckpt, cfg)
+        print(f"resumed from {ckpt} at step {run.state.step} (epoch {run.state.epoch})"
+              + (f"; changed since that checkpoint: {', '.join(changed)}" if changed else ""))
 
 
 def config_changes(ckpt: Path, cfg: Config) -> list[str]:
@@ -457,8 +430,7 @@ def _log(run: Run, record: dict[str, Any]) -> None:
 
 
 def validate(run: Run) -> dict[str, Any]:
-    pred = predict_sharded(run, run.val_data)
-    return validation_metrics(pred, output_names(run.cfg), attribute_weights(run.cfg))
+    return run.rtype.metrics(predict_sharded(run, run.val_data))
 
 
 def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> float:
@@ -486,7 +458,7 @@ def train(run: Run, *, progress: bool = True) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     cfg, acc, model, st = run.cfg, run.accelerator, run.model, run.state
-    loss_fn = run.spec.loss_fn(cfg)
+    loss_fn = run.rtype.loss_fn
     accum = cfg.train.gradient_accumulation_steps
     world, rank = acc.num_processes, acc.process_index
     window: dict[str, float] = {}
@@ -509,7 +481,7 @@ def train(run: Run, *, progress: bool = True) -> dict[str, Any]:
                 batch = run.collate([run.train_data[j] for j in idx])
                 batch = {k: v.to(acc.device) for k, v in batch.items()}
                 # FSDP reduce-scatters every micro-batch (its gradients are sharded, not accumulated whole).
-                ctx = acc.no_sync(model) if i < len(steps) - 1 and run.strategy == "ddp" else _null()
+                ctx = acc.no_sync(model) if i < len(steps) - 1 and run.strategy == "ddp" else contextlib.nullcontext()
                 with ctx, run.compute():
                     with acc.autocast():
                         outputs = model(batch["input_ids"], batch["attention_mask"], **model_kwargs(batch))
@@ -629,25 +601,18 @@ class _stop_on_signals:
         return False
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
 def evaluate_extra(run: Run) -> dict[str, float]:
     """Score ``eval.datasets`` with the live model (main process) and log them as split ``eval``."""
     if not run.extra_eval:
         return {}
-    from rewardforge.eval.runner import evaluate_pairs_during_training, scorer_from_model
+    from rewardforge.eval.runner import evaluate_pairs_during_training
+    from rewardforge.eval.scores import scorer_from_model
 
     cfg = run.cfg
     scorer = scorer_from_model(
         run.bare_model(), run.tokenizer, max_length=cfg.data.max_length, truncation=cfg.data.truncation,
-        attributes=output_names(cfg) if len(output_names(cfg)) > 1 else None, attribute_weights=attribute_weights(cfg),
-        batch_size=cfg.train.eval_batch_size or 2 * cfg.train.batch_size,
+        attributes=run.rtype.output_names if len(run.rtype.output_names) > 1 else None, attribute_weights=run.rtype.weights,
+        batch_size=cfg.train.validation_batch_size,
     )
     with run.accelerator.autocast(), run.compute():
         metrics = evaluate_pairs_during_training(scorer, run.extra_eval, subset_field=cfg.eval.subset_field or None)
@@ -676,23 +641,23 @@ def export_run(run: Run, out_dir: str | Path | None = None, pred: dict[str, Any]
     cfg = run.cfg
     if pred is None:
         pred = predict_sharded(run, run.val_data, desc="export statistics")
-    stats = reward_statistics(pred, attribute_weights(cfg))
+    stats = reward_statistics(pred, run.rtype.weights)
     stats["reward_stats_source"] = f"validation set ({stats['sequences']} sequences)"
     path = Path(out_dir or Path(cfg.output_dir) / "model")
     model = run.bare_model()
     if run.strategy == "fsdp":
         full = full_model_state(model)  # collective; the main process gets the whole state
         if run.accelerator.is_main_process:
-            model = run.spec.build_model(cfg, run.tokenizer)
+            model = run.rtype.build_model(cfg, run.tokenizer)
             model.load_state_dict(full)
     if run.accelerator.is_main_process:
         write_model_dir(
             model, run.tokenizer, path, reward_model_type=cfg.model.reward_model_type,
-            attributes=output_names(cfg), attribute_weights=attribute_weights(cfg), max_length=cfg.data.max_length,
+            attributes=run.rtype.output_names, attribute_weights=run.rtype.weights, max_length=cfg.data.max_length,
             truncation=cfg.data.truncation, template=run.template, stats=stats, base_model=cfg.model.name_or_path,
             save_adapter=cfg.model.lora_save_adapter,
             prompt_fingerprint=prompt_fingerprint(run.train_data.prompt_keys, run.val_data.prompt_keys),
-            card_info={"validation": validation_metrics(pred, output_names(cfg), attribute_weights(cfg)) if pred else None,
+            card_info={"validation": run.rtype.metrics(pred) if pred else None,
                        "data": run.data_reports, "sources": list(cfg.data.train)},
         )
     run.accelerator.wait_for_everyone()
@@ -712,12 +677,12 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
         if not existed and out.is_dir() and not any(out.iterdir()):  # a run that never started leaves no empty folder
             out.rmdir()
         raise
-    acc = run.accelerator
+    cfg, acc = run.cfg, run.accelerator  # the run's copy: train.precision resolved
     lengths = run.train_data.lengths()
     memory = estimate_memory(run.bare_model(), cfg, int(min(cfg.data.max_length, lengths.max() if len(lengths) else 1)),
                              shards=acc.num_processes if run.strategy == "fsdp" else 1)
     if acc.is_main_process:
-        (out / "config.yaml").write_text(__import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
+        write_config(cfg, out)  # the resolved config (train.precision as this run trains)
         _print_data(run)
         print(f"strategy: {run.strategy} on {acc.num_processes} process(es), device {acc.device}, precision {cfg.train.precision} "
               f"({run.precision_reason})")
@@ -728,15 +693,12 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
     with _stop_on_signals(run):
         timing = train(run, progress=progress)
     final_pred = predict_sharded(run, run.val_data, desc="final validation")  # the final metrics and the export's statistics
-    final = validation_metrics(final_pred, output_names(cfg), attribute_weights(cfg))
+    final = run.rtype.metrics(final_pred)
     _log(run, {"step": run.state.step, "epoch": run.state.epoch, "split": "validation", "final": True, **final})
     extra = evaluate_extra(run)
     verdict = None
     if "chosen" in final_pred and len(run.val_data):
-        w = np.asarray(attribute_weights(cfg), np.float64)
-        c, r = final_pred["chosen"], final_pred["rejected"]
-        c = c @ w if c.shape[1] > 1 else c[:, 0]
-        r = r @ w if r.shape[1] > 1 else r[:, 0]
+        c, r = combine(final_pred["chosen"], run.rtype.weights), combine(final_pred["rejected"], run.rtype.weights)
         verdict = pair_verdict(c, r, [len(x) for x in run.val_data.chosen], [len(x) for x in run.val_data.rejected])
     if acc.is_main_process and progress:
         print(_format_val(run.state.step, final))
@@ -749,7 +711,7 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
         _save(run)
     summary: dict[str, Any] = {
         "reward_model_type": cfg.model.reward_model_type,
-        "loss": run.spec.loss_name(cfg),
+        "loss": run.rtype.loss_name,
         "steps": run.state.step,
         "epochs_completed": run.state.epoch,
         "examples_seen": run.state.examples_seen,

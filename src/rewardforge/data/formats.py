@@ -457,3 +457,41 @@ def parse_rows(
                 pending = None
     if pending is not None:
         bad(unpaired(pending))
+
+
+# ------------------------------------------------------------------ best-of-N rows (evaluation)
+
+
+@dataclass
+class BestOfN:
+    """A prompt with K responses and the index of the best one."""
+
+    prompt: Any
+    responses: list
+    best: int
+    extra: dict[str, Any] = field(default_factory=dict)
+    where: str = ""
+
+
+def is_best_of_n(record: Any) -> bool:
+    return isinstance(record, dict) and "responses" in record and "best" in record
+
+
+def parse_best_of_n(row: Row) -> BestOfN:
+    rec, where = row.data, row.where
+    if isinstance(rec, DataError):
+        raise rec
+    if not is_best_of_n(rec):
+        raise DataError(f"{where}: best-of-N rows need fields 'responses' and 'best' (fields present: {sorted(rec) if isinstance(rec, dict) else type(rec).__name__})")
+    responses = rec["responses"]
+    if not isinstance(responses, list) or len(responses) < 2:
+        raise DataError(f"{where}: field 'responses' must be a list of at least 2 responses, got {str(responses)[:60]!r}")
+    best = rec["best"]
+    if isinstance(best, bool) or not isinstance(best, int) or not 0 <= best < len(responses):
+        raise DataError(f"{where}: field 'best' must be the index (0..{len(responses) - 1}) of the best response, got {best!r}")
+    raw_prompt = rec.get("prompt")
+    # Only a missing, null or empty-list prompt means "no prompt"; 0, False or "" are errors named by _conversation.
+    prompt = [] if raw_prompt is None or raw_prompt == [] else _conversation(raw_prompt, where, "prompt", "user")
+    resp = [_conversation(r, where, f"responses[{i}]", "assistant") for i, r in enumerate(responses)]
+    extra = {k: v for k, v in rec.items() if k not in ("prompt", "responses", "best")}
+    return BestOfN(prompt, resp, best, extra, where)

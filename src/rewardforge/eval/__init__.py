@@ -28,10 +28,14 @@ __all__ = [
 ]
 
 
+_HOME = {"EvalDataset": "data", "load_eval_data": "data", "scorer_from_model": "scores", "evaluate_model": "runner",
+         "evaluate_pairs_during_training": "runner", "evaluate_scorer": "runner"}
+
+
 def __getattr__(name: str):
     # Lazy: ``rewardforge.eval.metrics`` stays importable without torch and transformers.
-    if name in __all__:
-        from rewardforge.eval import runner
+    if name in _HOME:
+        import importlib
 
-        return getattr(runner, name)
+        return getattr(importlib.import_module(f"rewardforge.eval.{_HOME[name]}"), name)
     raise AttributeError(f"module 'rewardforge.eval' has no attribute {name!r}")

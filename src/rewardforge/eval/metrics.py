@@ -76,6 +76,18 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float | N
 # ------------------------------------------------------------------ pairwise accuracy
 
 
+def win_rate(diff):
+    """The pairwise-accuracy rule, the one definition every caller uses: ``mean(1[d > 0] + 0.5·1[d = 0])``
+    for score differences ``d = r_c - r_r``. Works on numpy arrays and torch tensors alike (training reads
+    it on the device); an empty input gives nan.
+
+    Example:
+        >>> float(win_rate(np.array([1.0, -1.0, 0.0, 2.0])))
+        0.625
+    """
+    return ((diff > 0) * 1.0 + (diff == 0) * 0.5).mean()
+
+
 def pairwise_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> dict[str, Any]:
     """Accuracy of pairs with ties counted as half.
 
@@ -91,8 +103,8 @@ def pairwise_accuracy(chosen: Sequence[float], rejected: Sequence[float]) -> dic
     wins, ties = int((c > r).sum()), int((c == r).sum())
     if n == 0:
         return {"n": 0, "accuracy": None, "ci_low": None, "ci_high": None, "wins": 0, "ties": 0, "losses": 0}
-    acc = (wins + 0.5 * ties) / n
-    lo, hi = wilson_interval(wins + 0.5 * ties, n)
+    acc = float(win_rate(c - r))
+    lo, hi = wilson_interval(acc * n, n)
     return {"n": n, "accuracy": acc, "ci_low": lo, "ci_high": hi, "wins": wins, "ties": ties, "losses": n - wins - ties}
 
 

@@ -69,7 +69,7 @@ def _num(x: Any, digits: int = 3) -> str:
 
 
 def _tag(subset: str) -> str:
-    from rewardforge.eval.runner import NO_SUBSET
+    from rewardforge.eval.data import NO_SUBSET
 
     return "" if subset == NO_SUBSET else f" <span class=tag>{_e(subset)}</span>"
 

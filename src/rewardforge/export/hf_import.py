@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from rewardforge.models.reward_model import ModelError
+from rewardforge.errors import ModelError
+from rewardforge.losses import default_weights
 
 
 def import_model(
@@ -72,7 +73,7 @@ def import_model(
     hf.config.pad_token_id = tokenizer.pad_token_id
     n = int(hf.config.num_labels)
     labels = [hf.config.id2label.get(i, f"output_{i}") for i in range(n)] if n > 1 else ["reward"]
-    weights = list(attribute_weights) if attribute_weights else [1.0 / n] * n
+    weights = list(attribute_weights) if attribute_weights else default_weights(n)
     if len(weights) != n:
         raise ModelError(f"--attribute-weights has {len(weights)} values but the model has {n} outputs ({', '.join(labels)})")
     used = setup_template(tokenizer, template)

@@ -20,9 +20,12 @@ import torch
 
 from rewardforge import __version__
 from rewardforge.training.faults import fault_point
+from rewardforge.errors import ModelError
+from rewardforge.losses import combine
 from rewardforge.models.reward_model import RewardModel, merged_hf_model
 
 METADATA_FILE = "rewardforge.json"
+RUN_EXPORT = "model"  # a training run writes its export to OUTPUT_DIR/model
 PROMPTS_FILE = "training_prompts.json"  # hashes of the training and validation prompts, never their text
 KEY_CHARS = 16
 FORMAT_VERSION = 1
@@ -40,7 +43,7 @@ def reward_statistics(pred: dict[str, np.ndarray], weights: list[float]) -> dict
     if outputs is None or len(outputs) == 0:
         return {"reward_mean": 0.0, "reward_std": 1.0, "sequences": 0}
     outputs = outputs.astype(np.float64)
-    combined = outputs @ np.asarray(weights, np.float64) if outputs.shape[1] > 1 else outputs[:, 0]
+    combined = combine(outputs, weights)
     std = float(combined.std())
     return {
         "reward_mean": float(combined.mean()),
@@ -229,3 +232,67 @@ def write_single_reward_model(hf, out_dir: Path, weights: list[float]) -> str:
         if f.is_file() and (f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "chat_template.jinja", "vocab.txt")):
             shutil.copy2(f, sub / f.name)
     return "reward"
+
+
+# ------------------------------------------------------------------ reading
+
+
+def find_model_dir(path: str | Path) -> Path:
+    """The model directory ``path`` names: itself, or a training run's export (``OUTPUT_DIR/model``); anything
+    else is a :class:`ModelError` that says what to run (export a checkpoint, import a Hugging Face model)."""
+    path = Path(path)
+    if (path / METADATA_FILE).is_file():
+        return path
+    if (path / RUN_EXPORT / METADATA_FILE).is_file():  # OUTPUT_DIR of a run: its export
+        return path / RUN_EXPORT
+    # write_model_dir swaps directories with two renames; a kill between them leaves the old one beside it
+    old = sorted(path.parent.glob(f".{path.name}.old-*")) if not path.exists() and path.parent.is_dir() else []
+    if old:
+        raise ModelError(f"{path} does not exist, but an export interrupted while replacing it left the previous "
+                         f"one at {old[-1]}; rename it back to {path} or export again")
+    if not path.exists():
+        raise ModelError(f"{path} does not exist; give an exported model directory (OUTPUT_DIR/model)")
+    if (path / "trainer_state.json").is_file() and (path / "config.yaml").is_file():
+        raise ModelError(f"{path} is a training checkpoint, not a model directory; export it first: "
+                         f"rewardforge export {path} OUT_DIR")
+    if (path / "checkpoints").is_dir() and (path / "config.yaml").is_file():
+        raise ModelError(f"{path} is a training run without an export (the run did not finish); export its latest "
+                         f"checkpoint: rewardforge export {path}/checkpoints/step-N OUT_DIR")
+    config = path / "config.json"
+    if config.is_file():
+        try:
+            archs = json.loads(config.read_text()).get("architectures") or []
+        except ValueError:
+            archs = []
+        if any(a.endswith("ForSequenceClassification") for a in archs):
+            raise ModelError(f"{path} is a Hugging Face reward model, not yet a rewardforge one; import it: "
+                             f"rewardforge import {path} OUT_DIR [--data FILE to measure its reward mean/std]")
+    raise ModelError(f"{path} is not a rewardforge model directory (no rewardforge.json); export one with "
+                     "`rewardforge export` or import a Hugging Face reward model with `rewardforge import`")
+
+
+def load_reward_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[RewardModel, Any, dict]:
+    """Load an exported model directory: (RewardModel, tokenizer, rewardforge.json metadata)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model_dir = find_model_dir(model_dir)
+    meta = read_metadata(model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    hf = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype)
+    hf.eval()
+    return RewardModel(hf, meta["pooling"]), tok, meta
+
+
+def is_model_dir(path: str | Path) -> bool:
+    """Whether ``path`` is an exported model directory or a training run's directory holding one."""
+    p = Path(path)
+    return (p / METADATA_FILE).is_file() or (p / RUN_EXPORT / METADATA_FILE).is_file()
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """``rewardforge.json`` of the model directory ``path`` names (see :func:`find_model_dir`), with ``_dir``:
+    the directory read."""
+    model_dir = find_model_dir(path)
+    meta = json.loads((model_dir / METADATA_FILE).read_text())
+    meta["_dir"] = str(model_dir)
+    return meta

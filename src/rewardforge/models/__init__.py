@@ -11,13 +11,12 @@ from rewardforge.models.reward_model import (
     build_model,
     detect_pooling,
     ensure_pad_token,
-    load_reward_model,
     load_tokenizer,
     merged_hf_model,
     reward_token_index,
 )
 
 __all__ = [
-    "ModelError", "RewardModel", "build_model", "detect_pooling", "ensure_pad_token", "load_reward_model",
+    "ModelError", "RewardModel", "build_model", "detect_pooling", "ensure_pad_token",
     "load_tokenizer", "merged_hf_model", "reward_token_index",
 ]

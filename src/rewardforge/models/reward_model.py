@@ -14,10 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
-import json
 import os
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -273,7 +270,7 @@ def build_model(model_cfg, tokenizer, num_outputs: int, labels: list[str] | None
     except OSError as e:
         raise ModelError(f"cannot load model {model_cfg.name_or_path!r} ({e}); give a local directory or an installed model") from None
     pooling = detect_pooling(hf_config) if model_cfg.pooling == "auto" else model_cfg.pooling
-    added = ensure_pad_token(tokenizer, pooling)
+    ensure_pad_token(tokenizer, pooling)  # a decoder's pad token, distinct from EOS (added to the vocabulary if new)
     labels = labels or ["reward"] * num_outputs
     hf_config.num_labels = num_outputs
     hf_config.id2label = {i: name for i, name in enumerate(labels)}
@@ -334,51 +331,3 @@ def merged_hf_model(model: RewardModel) -> nn.Module:
 
         return copy.deepcopy(m).merge_and_unload()
     return m
-
-
-def _resolve_model_dir(path: Path) -> Path:
-    """A training run's directory resolves to its export; anything else without rewardforge.json says what to run."""
-    if (path / "model" / "rewardforge.json").is_file():  # OUTPUT_DIR of a run: its export
-        return path / "model"
-    if not path.exists():
-        raise ModelError(f"{path} does not exist; give an exported model directory (OUTPUT_DIR/model)")
-    if (path / "trainer_state.json").is_file() and (path / "config.yaml").is_file():
-        raise ModelError(f"{path} is a training checkpoint, not a model directory; export it first: "
-                         f"rewardforge export {path} OUT_DIR")
-    if (path / "checkpoints").is_dir() and (path / "config.yaml").is_file():
-        raise ModelError(f"{path} is a training run without an export (the run did not finish); export its latest "
-                         f"checkpoint: rewardforge export {path}/checkpoints/step-N OUT_DIR")
-    config = path / "config.json"
-    if config.is_file():
-        try:
-            archs = json.loads(config.read_text()).get("architectures") or []
-        except ValueError:
-            archs = []
-        if any(a.endswith("ForSequenceClassification") for a in archs):
-            raise ModelError(f"{path} is a Hugging Face reward model, not yet a rewardforge one; import it: "
-                             f"rewardforge import {path} OUT_DIR [--data FILE to measure its reward mean/std]")
-    raise ModelError(f"{path} is not a rewardforge model directory (no rewardforge.json); export one with "
-                     "`rewardforge export` or import a Hugging Face reward model with `rewardforge import`")
-
-
-def load_reward_model(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[RewardModel, Any, dict]:
-    """Load an exported model directory: (RewardModel, tokenizer, rewardforge.json metadata)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    model_dir = Path(model_dir)
-    meta_path = model_dir / "rewardforge.json"
-    if not model_dir.exists():
-        # write_model_dir swaps directories with two renames; a kill between them leaves the old one here
-        old = sorted(model_dir.parent.glob(f".{model_dir.name}.old-*")) if model_dir.parent.is_dir() else []
-        if old:
-            raise ModelError(f"{model_dir} does not exist, but an export interrupted while replacing it left the previous "
-                             f"one at {old[-1]}; rename it back to {model_dir} or export again")
-    if not meta_path.is_file():
-        model_dir = _resolve_model_dir(model_dir)
-        meta_path = model_dir / "rewardforge.json"
-    meta = json.loads(meta_path.read_text())
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    hf = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype)
-    hf.eval()
-    meta["_dir"] = str(model_dir)  # the directory read (a run directory resolves to its export)
-    return RewardModel(hf, meta["pooling"]), tok, meta

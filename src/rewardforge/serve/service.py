@@ -16,6 +16,7 @@ import numpy as np
 
 from rewardforge.data.inputs import ChatFormat, ModelInputs, Prepared
 from rewardforge.data.readers import DataError
+from rewardforge.losses import combine
 from rewardforge.serve.batcher import DynamicBatcher
 from rewardforge.serve.config import ServeConfig
 
@@ -162,7 +163,7 @@ class ScoringService:
 
     def combine(self, outputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(raw combined reward, normalized reward), exactly as ``RewardScorer.score_rendered``."""
-        reward = outputs[:, 0].astype(np.float64) if outputs.shape[1] == 1 else outputs.astype(np.float64) @ self.weights
+        reward = combine(outputs, self.weights)
         return reward.astype(np.float32), ((reward - self.mean) / self.std).astype(np.float32)
 
     async def score(self, prepared: Prepared, ticket=None) -> Scored:

@@ -14,8 +14,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import yaml
-
+from rewardforge.config import CONFIG_FILE, read_config_file, write_config
 from rewardforge.errors import CheckpointError
 
 STATE_FILE = "trainer_state.json"
@@ -67,7 +66,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, co
         accelerator.wait_for_everyone()
         if main:
             tokenizer.save_pretrained(tmp / "tokenizer")
-            (tmp / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            write_config(config, tmp)
             with open(tmp / STATE_FILE, "w") as fh:
                 json.dump({**asdict(state), "world_size": accelerator.num_processes, "strategy": strategy,
                            "global_batch_size": config["train"]["batch_size"] * accelerator.num_processes}, fh)
@@ -112,26 +111,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def check_free_space(output_dir: str | Path, parameters: int, trainable: int, keep: int) -> None:
-    """Refuse to start when ``output_dir`` cannot hold the checkpoints and the export of this model.
-
-    A checkpoint holds fp32 weights and AdamW's two moments (4 + 8 B per trainable parameter);
-    ``keep`` of them stay, one more is written before the oldest is removed, and the export needs
-    another copy of the weights. Less free space than that is known to fail, so it fails now.
-    """
-    checkpoint = 4 * parameters + 8 * trainable
-    n = (keep if keep > 0 else 1) + 1
-    need = n * checkpoint + 4 * parameters
-    free = shutil.disk_usage(output_dir).free
-    if free < need:
-        gib = 1024**3
-        raise CheckpointError(
-            f"output_dir={str(output_dir)!r} has {free / gib:.2f} GiB free, but {n} checkpoints of {checkpoint / gib:.2f} GiB "
-            f"and the export ({4 * parameters / gib:.2f} GiB) need {need / gib:.2f} GiB; free space, choose another "
-            "output_dir or lower train.save_total_limit"
-        )
-
-
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     root = checkpoints_dir(output_dir)
@@ -168,10 +147,10 @@ def read_state(checkpoint: Path) -> tuple[TrainerState, int, int]:
 
 
 def read_config(checkpoint: Path) -> dict:
-    path = Path(checkpoint) / "config.yaml"
+    path = Path(checkpoint) / CONFIG_FILE
     if not Path(checkpoint).exists():
         raise CheckpointError(f"{checkpoint} does not exist; give a checkpoint directory (OUTPUT_DIR/checkpoints/step-N)")
     if not path.is_file():
         raise CheckpointError(f"{checkpoint} is not a rewardforge checkpoint (no config.yaml); give a checkpoint "
                               "directory (OUTPUT_DIR/checkpoints/step-N)")
-    return yaml.safe_load(path.read_text())
+    return read_config_file(checkpoint)

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 import torch
@@ -141,3 +142,12 @@ def fsdp_mixed_precision(precision: str, dtype: torch.dtype = torch.bfloat16):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+
+def effective_precision(cfg, processes: int | None = None) -> str:
+    """``train.precision`` for this machine and a launch of ``processes`` (default: this launch's
+    ``WORLD_SIZE``), with ``auto`` resolved (see :func:`resolve_precision`)."""
+    if processes is None:
+        processes = int(os.environ.get("WORLD_SIZE", "1"))
+    ddp = processes > 1 and cfg.train.strategy != "fsdp"
+    return resolve_precision(cfg.train.precision, device_type="cuda" if torch.cuda.is_available() else "cpu", ddp=ddp)

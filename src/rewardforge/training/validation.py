@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from rewardforge.data.packing import model_kwargs
+from rewardforge.eval.metrics import win_rate
 
 
 @torch.no_grad()
@@ -57,12 +58,12 @@ def pair_metrics(chosen: np.ndarray, rejected: np.ndarray) -> dict[str, float]:
     if n == 0:
         return {"pairs": 0}
     diff = chosen - rejected
-    wins, ties = float((diff > 0).sum()), float((diff == 0).sum())
+    ties = float((diff == 0).sum())
     rewards = np.concatenate([chosen, rejected])
     loss = float(-F.logsigmoid(torch.from_numpy(diff)).mean())
     return {
         "pairs": n,
-        "accuracy": (wins + 0.5 * ties) / n,
+        "accuracy": float(win_rate(diff)),
         "ties": int(ties),
         "loss": loss,
         "mean_margin": float(diff.mean()),
@@ -102,18 +103,6 @@ def regression_metrics(pred: np.ndarray, labels: np.ndarray, names: list[str]) -
     return out
 
 
-def validation_metrics(pred: dict[str, np.ndarray], names: list[str], weights: list[float]) -> dict[str, Any]:
-    """Metrics for the output of :func:`predict`: pairwise for pairs, per attribute for rated rows."""
-    if "chosen" in pred:
-        w = np.asarray(weights, np.float64)
-        c = pred["chosen"] @ w if pred["chosen"].shape[1] > 1 else pred["chosen"][:, 0]
-        r = pred["rejected"] @ w if pred["rejected"].shape[1] > 1 else pred["rejected"][:, 0]
-        return pair_metrics(c, r)
-    if not pred:
-        return {"examples": 0}
-    return regression_metrics(pred["pred"], pred["labels"], names)
-
-
 def pair_verdict(chosen: np.ndarray, rejected: np.ndarray, chosen_tokens: np.ndarray, rejected_tokens: np.ndarray) -> dict[str, Any]:
     """Is a validation accuracy a result? Its 95% Wilson interval, chance, and the length baseline on the same pairs.
 
@@ -127,10 +116,10 @@ def pair_verdict(chosen: np.ndarray, rejected: np.ndarray, chosen_tokens: np.nda
     n = len(d)
     if n == 0:
         return {"pairs": 0}
-    acc = float(((d > 0).sum() + 0.5 * (d == 0).sum()) / n)
+    acc = float(win_rate(d))
     lo, hi = wilson_interval(acc * n, n)
     length = np.sign(np.asarray(chosen_tokens, np.float64) - np.asarray(rejected_tokens, np.float64))
-    base = float(((length > 0).sum() + 0.5 * (length == 0).sum()) / n)
+    base = float(win_rate(length))
     blo, bhi = wilson_interval(base * n, n)
     cmp = compare_pairs(d, length)
     beats_base = acc > base and cmp["mcnemar_p"] < 0.05

@@ -1,0 +1,79 @@
+"""Memory: the per-process estimate printed before training, and the free-space check of output_dir."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from rewardforge.config import Config
+from rewardforge.errors import CheckpointError
+from rewardforge.training.precision import effective_precision
+
+
+def estimate_memory(model, cfg: Config, max_tokens: int, shards: int = 1) -> dict[str, float]:
+    """A rough per-process memory estimate in GiB for training ``model`` with ``cfg``.
+
+    weights (4 B/param, fp32 master copy) + gradients and AdamW moments (4 + 8 B per trainable
+    param), divided by ``shards`` under FSDP (plus one gathered block at a time),
+    + activations of one micro-batch of 2 x batch_size sequences of ``max_tokens``, per layer
+    ``s*b*h*(34 + 5*a*s/h)`` bytes at 16 bits (Korthikanti et al. 2022), doubled in fp32, and only
+    ~2 layers' worth with gradient checkpointing.
+    """
+    hf = getattr(model, "hf", model)
+    c = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    h, layers, heads = c.hidden_size, c.num_hidden_layers, c.num_attention_heads
+    b, s_len = 2 * cfg.train.batch_size, max_tokens
+    precision = effective_precision(cfg)
+    half = precision in ("bf16", "bf16_master")
+    per_layer = s_len * b * h * (34 + 5 * heads * s_len / h) * (1 if half else 2)
+    act = per_layer * (2 if cfg.model.gradient_checkpointing else layers)
+    gib = 1024**3
+    gathered = 2 * 4 * total / max(layers, 1) if shards > 1 else 0.0  # a block's full weights and grads
+    out = {"parameters": total, "trainable_parameters": trainable, "shards": shards,
+           # bf16_master adds a bf16 copy of the weights (gathered per block under FSDP)
+           "weights_gib": ((4 + 2 * (precision == "bf16_master" and shards == 1)) * total / shards + gathered) / gib,
+           "grads_and_optimizer_gib": 12 * trainable / shards / gib, "activations_gib": act / gib}
+    out["total_gib"] = out["weights_gib"] + out["grads_and_optimizer_gib"] + out["activations_gib"]
+    return out
+
+
+def estimate_for_config(cfg: Config, processes: int = 1) -> dict[str, float]:
+    """:func:`estimate_memory` for a config before launching it: the model is built without its weights.
+
+    ``processes`` matters under ``train.strategy=fsdp`` (states are sharded over them); the
+    activations assume sequences of ``data.max_length``, the worst case.
+    """
+    from rewardforge.models.reward_model import empty_weights, load_tokenizer
+    from rewardforge.registry import resolve_type
+
+    rtype = resolve_type(cfg)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    with empty_weights():
+        model = rtype.build_model(cfg, tokenizer)
+    shards = processes if cfg.train.strategy == "fsdp" and processes > 1 else 1
+    # the precision that launch would train in (auto under DDP: bf16, not bf16_master's extra bf16 copy)
+    cfg = replace(cfg, train=replace(cfg.train, precision=effective_precision(cfg, processes)))
+    return {"processes": processes, "strategy": cfg.train.strategy, **estimate_memory(model, cfg, cfg.data.max_length, shards=shards)}
+
+
+def check_free_space(output_dir: str | Path, parameters: int, trainable: int, keep: int) -> None:
+    """Refuse to start when ``output_dir`` cannot hold the checkpoints and the export of this model.
+
+    A checkpoint holds fp32 weights and AdamW's two moments (4 + 8 B per trainable parameter);
+    ``keep`` of them stay, one more is written before the oldest is removed, and the export needs
+    another copy of the weights. Less free space than that is known to fail, so it fails now.
+    """
+    checkpoint = 4 * parameters + 8 * trainable
+    n = (keep if keep > 0 else 1) + 1
+    need = n * checkpoint + 4 * parameters
+    free = shutil.disk_usage(output_dir).free
+    if free < need:
+        gib = 1024**3
+        raise CheckpointError(
+            f"output_dir={str(output_dir)!r} has {free / gib:.2f} GiB free, but {n} checkpoints of {checkpoint / gib:.2f} GiB "
+            f"and the export ({4 * parameters / gib:.2f} GiB) need {need / gib:.2f} GiB; free space, choose another "
+            "output_dir or lower train.save_total_limit"
+        )
