@@ -158,24 +158,20 @@ def _batch_of(shape: tuple[int, ...], name: str) -> int:
     raise _bad(f"input '{name}' must have shape [B] or [B, 1], got {list(shape)}")
 
 
-def add_routes(app: FastAPI, service: ScoringService) -> None:
-    cfg = service.config
-    batcher = service.batcher
-    attrs = service.attributes
-    multi = len(attrs) > 1
-    per_attribute = multi and cfg.v2_rewards == "per_attribute"
-    width = len(attrs) if per_attribute else 1
-    outputs_meta = [{"name": "rewards", "datatype": "FP32", "shape": [-1, width]},
-                    {"name": "exceeded", "datatype": "INT32", "shape": [-1, 1]}]
-    if multi:
-        outputs_meta.append({"name": "attributes", "datatype": "FP32", "shape": [-1, len(attrs)]})
-    inputs_meta = [
-        {"name": "sentences", "datatype": "BYTES", "shape": [-1, -1]},
-        {"name": "tokens", "datatype": "INT64", "shape": [-1, -1]},
-        {"name": "sequence_lengths", "datatype": "INT64", "shape": [-1, 1]},
-    ]
+class _Model:
+    """What the v2 endpoints say about the served model: its outputs, and the metadata and config documents."""
 
-    def check_model(name: str, version: Optional[str]) -> None:
+    def __init__(self, service: ScoringService):
+        self.service, self.cfg = service, service.config
+        attrs = service.attributes
+        self.multi = len(attrs) > 1
+        self.per_attribute = self.multi and self.cfg.v2_rewards == "per_attribute"
+        self.width = len(attrs) if self.per_attribute else 1
+        self.n_attributes = len(attrs)
+        self.output_names = ["rewards", "exceeded", "attributes"] if self.multi else ["rewards", "exceeded"]
+
+    def check(self, name: str, version: Optional[str]) -> None:
+        cfg = self.cfg
         if name != cfg.model_name:
             raise ServeError(404, f"Request for unknown model: '{name}' is not found (this server has '{cfg.model_name}')",
                              reason="unknown_model")
@@ -183,41 +179,24 @@ def add_routes(app: FastAPI, service: ScoringService) -> None:
             raise ServeError(404, f"Request for unknown model: '{name}' version {version} is not found (only {VERSION})",
                              reason="unknown_model")
 
-    tags = ["kserve v2 / triton"]
+    def metadata(self) -> dict[str, Any]:
+        outputs = [{"name": "rewards", "datatype": "FP32", "shape": [-1, self.width]},
+                   {"name": "exceeded", "datatype": "INT32", "shape": [-1, 1]}]
+        if self.multi:
+            outputs.append({"name": "attributes", "datatype": "FP32", "shape": [-1, self.n_attributes]})
+        inputs = [{"name": "sentences", "datatype": "BYTES", "shape": [-1, -1]},
+                  {"name": "tokens", "datatype": "INT64", "shape": [-1, -1]},
+                  {"name": "sequence_lengths", "datatype": "INT64", "shape": [-1, 1]}]
+        return {"name": self.cfg.model_name, "versions": [VERSION], "platform": "rewardforge", "inputs": inputs,
+                "outputs": outputs}
 
-    @app.get("/v2/health/live", tags=tags, summary="liveness")
-    async def live():
-        return Response(status_code=200)
-
-    @app.get("/v2/health/ready", tags=tags, summary="readiness")
-    async def ready():
-        return Response(status_code=200 if batcher.running else 503)
-
-    @app.get("/v2", tags=tags, summary="server metadata")
-    async def server_metadata():
-        return {"name": "rewardforge", "version": __version__, "extensions": ["binary_tensor_data", "model_configuration"]}
-
-    @app.post("/v2/repository/index", tags=tags, summary="model repository index")
-    async def repository_index():
-        state = "READY" if batcher.running else "UNAVAILABLE"
-        return [{"name": cfg.model_name, "version": VERSION, "state": state}]
-
-    async def model_ready(name: str, version: Optional[str] = None):
-        check_model(name, version)
-        return Response(status_code=200 if batcher.running else 503)
-
-    async def model_metadata(name: str, version: Optional[str] = None):
-        check_model(name, version)
-        return {"name": cfg.model_name, "versions": [VERSION], "platform": "rewardforge",
-                "inputs": inputs_meta, "outputs": outputs_meta}
-
-    async def model_config(name: str, version: Optional[str] = None):
-        check_model(name, version)
-        kind = "KIND_GPU" if str(service.scorer.device).startswith("cuda") else "KIND_CPU"
-        output = [{"name": "rewards", "data_type": "TYPE_FP32", "dims": [width]},
+    def config(self) -> dict[str, Any]:
+        cfg = self.cfg
+        kind = "KIND_GPU" if str(self.service.scorer.device).startswith("cuda") else "KIND_CPU"
+        output = [{"name": "rewards", "data_type": "TYPE_FP32", "dims": [self.width]},
                   {"name": "exceeded", "data_type": "TYPE_INT32", "dims": [1]}]
-        if multi:
-            output.append({"name": "attributes", "data_type": "TYPE_FP32", "dims": [len(attrs)]})
+        if self.multi:
+            output.append({"name": "attributes", "data_type": "TYPE_FP32", "dims": [self.n_attributes]})
         return {
             "name": cfg.model_name,
             "platform": "",
@@ -239,126 +218,173 @@ def add_routes(app: FastAPI, service: ScoringService) -> None:
             "parameters": {},
         }
 
+
+def _read_request(body: bytes, header_length: Optional[str]) -> tuple[dict, dict[str, Any]]:
+    """The JSON header of an inference request and its input tensors (name -> (values, shape))."""
+    if header_length is not None:
+        if not (header_length.strip().isascii() and header_length.strip().isdigit()) or int(header_length) > len(body):
+            raise _bad(f"Inference-Header-Content-Length={header_length!r} does not fit the {len(body)}-byte body")
+        n = int(header_length)
+        head_bytes, binary = body[:n], memoryview(body)[n:]
+    else:
+        head_bytes, binary = body, memoryview(b"")
+    try:
+        head = json.loads(head_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _bad(f"malformed JSON inference header: {e}") from None
+    except RecursionError:
+        raise _bad("malformed JSON inference header: nested too deeply") from None
+    if not isinstance(head, dict) or not isinstance(head.get("inputs"), list) or not head["inputs"]:
+        raise _bad("the inference request must be an object with a non-empty 'inputs' list")
+    tensors: dict[str, Any] = {}
+    offset = 0
+    for inp in head["inputs"]:
+        tname, value, offset = _decode_input(inp, binary, offset)
+        if tname in tensors:
+            raise _bad(f"input '{tname}' given twice")
+        tensors[tname] = (value, _shape(inp, tname))
+    if offset != len(binary):
+        raise _bad(f"{len(binary) - offset} binary bytes after the last input are not claimed by any input")
+    return head, tensors
+
+
+async def _prepare(service: ScoringService, tensors: dict[str, Any], normalize: Optional[bool]):
+    """The model inputs of ``sentences`` or ``tokens`` (+ ``sequence_lengths``), through the service's one path."""
+    if "sentences" in tensors:
+        if "tokens" in tensors:
+            raise _bad("give either 'sentences' or 'tokens' (+ 'sequence_lengths'), not both")
+        values, shape = tensors["sentences"]
+        service.check_count(_batch_of(shape, "sentences"), "sentences")
+        try:
+            texts = [v.decode("utf-8") for v in values]
+        except UnicodeDecodeError:
+            raise _bad("input 'sentences': elements must be UTF-8 text") from None
+        return await service.prepare([{"text": t} for t in texts], "sentences", normalize)
+    if "tokens" not in tensors:
+        raise _bad("missing input: give 'sentences' (BYTES) or 'tokens' + 'sequence_lengths'")
+    tokens, shape = tensors["tokens"]
+    if tokens.ndim != 2:
+        raise _bad(f"input 'tokens' must have shape [B, L], got {list(shape)}")
+    b, width = tokens.shape
+    service.check_count(b, "tokens")
+    if "sequence_lengths" in tensors:
+        lengths, lshape = tensors["sequence_lengths"]
+        if _batch_of(lshape, "sequence_lengths") != b:
+            raise _bad(f"'sequence_lengths' has {lshape[0]} rows but 'tokens' has {b}")
+        lengths = np.asarray(lengths).reshape(-1)
+    else:
+        lengths = np.full(b, width)
+    if (lengths < 1).any() or (lengths > width).any():
+        raise _bad(f"each sequence_length must be in 1..{width} (the width of 'tokens')")
+    return await service.prepare([{"input_ids": tokens[i, : int(lengths[i])]} for i in range(b)], "tokens", normalize)
+
+
+def _wanted_outputs(head: dict, params: dict, names: list[str]) -> list[tuple[str, bool]]:
+    """(output name, as binary) for each output the request asks for (all of them when it names none)."""
+    requested = head.get("outputs")
+    if requested is None:
+        return [(k, bool(params.get("binary_data_output", False))) for k in names]
+    if not isinstance(requested, list):
+        raise _bad("'outputs' must be a list")
+    wanted = []
+    for out in requested:
+        oname = out.get("name") if isinstance(out, dict) else None
+        if not isinstance(oname, str) or oname not in names:
+            raise _bad(f"unknown output {oname!r}; this model has {', '.join(names)}")
+        oparams = out.get("parameters") or {}
+        if not isinstance(oparams, dict):
+            raise _bad(f"output '{oname}': 'parameters' must be an object")
+        wanted.append((oname, bool(oparams.get("binary_data", False))))
+    return wanted
+
+
+def _response(result: dict[str, Any], available: dict[str, np.ndarray], wanted: list[tuple[str, bool]]) -> Response:
+    """The inference response: outputs as JSON data, or in the binary tensor extension where asked."""
+    outputs_json, blobs = [], []
+    for oname, as_binary in wanted:
+        arr = available[oname]
+        dtype = "INT32" if arr.dtype == np.int32 else "FP32"
+        entry: dict[str, Any] = {"name": oname, "datatype": dtype, "shape": list(arr.shape)}
+        if as_binary:
+            raw = np.ascontiguousarray(arr, dtype="<i4" if dtype == "INT32" else "<f4").tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            entry["data"] = [int(x) if dtype == "INT32" else float(x) for x in arr.reshape(-1)]
+        outputs_json.append(entry)
+    header = json.dumps({**result, "outputs": outputs_json}).encode()
+    if not blobs:
+        return Response(header, media_type="application/json")
+    return Response(header + b"".join(blobs), media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(header))})
+
+
+async def _infer(model: _Model, request: Request, name: str, version: Optional[str], ticket) -> Response:
+    service, cfg = model.service, model.cfg
+    model.check(name, version)
+    body = _decompress(await request.body(), request.headers.get("content-encoding"), cfg.max_body_bytes)
+    head, tensors = _read_request(body, request.headers.get("inference-header-content-length"))
+    params = head.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise _bad("'parameters' must be an object")
+    normalize = params.get("normalize")
+    if normalize is not None and not isinstance(normalize, bool):
+        raise _bad("parameter 'normalize' must be true or false")
+    prepared = await _prepare(service, tensors, normalize)
+    wanted = _wanted_outputs(head, params, model.output_names)
+    s = await unless_disconnected(request.receive, service.score(prepared, ticket))
+    if model.per_attribute:
+        rewards = s.outputs.astype(np.float32)
+    else:
+        rewards = service.compat(s).astype(np.float32).reshape(-1, 1)
+    available = {"rewards": rewards, "exceeded": prepared.truncated.astype(np.int32).reshape(-1, 1)}
+    if model.multi:
+        available["attributes"] = s.outputs.astype(np.float32)
+    result: dict[str, Any] = {"model_name": cfg.model_name, "model_version": VERSION}
+    if isinstance(head.get("id"), str) and head["id"]:
+        result["id"] = head["id"]
+    return _response(result, available, wanted)
+
+
+def add_routes(app: FastAPI, service: ScoringService) -> None:
+    """The KServe v2 routes: health, server and model metadata, model config and inference."""
+    model, batcher, tags = _Model(service), service.batcher, ["kserve v2 / triton"]
+
+    @app.get("/v2/health/live", tags=tags, summary="liveness")
+    async def live():
+        return Response(status_code=200)
+
+    @app.get("/v2/health/ready", tags=tags, summary="readiness")
+    async def ready():
+        return Response(status_code=200 if batcher.running else 503)
+
+    @app.get("/v2", tags=tags, summary="server metadata")
+    async def server_metadata():
+        return {"name": "rewardforge", "version": __version__, "extensions": ["binary_tensor_data", "model_configuration"]}
+
+    @app.post("/v2/repository/index", tags=tags, summary="model repository index")
+    async def repository_index():
+        return [{"name": model.cfg.model_name, "version": VERSION, "state": "READY" if batcher.running else "UNAVAILABLE"}]
+
+    async def model_ready(name: str, version: Optional[str] = None):
+        model.check(name, version)
+        return Response(status_code=200 if batcher.running else 503)
+
+    async def model_metadata(name: str, version: Optional[str] = None):
+        model.check(name, version)
+        return model.metadata()
+
+    async def model_config(name: str, version: Optional[str] = None):
+        model.check(name, version)
+        return model.config()
+
     async def infer(name: str, request: Request, version: Optional[str] = None):
         await request.body()  # the whole body first: a slow client must not hold up a forming batch
         ticket = batcher.announce()  # a batch forming now waits for this request's tokens
         try:
-            return await _infer(name, request, version, ticket)
+            return await _infer(model, request, name, version, ticket)
         finally:
             batcher.withdraw(ticket)
-
-    async def _infer(name: str, request: Request, version: Optional[str], ticket) -> Response:
-        check_model(name, version)
-        body = _decompress(await request.body(), request.headers.get("content-encoding"), cfg.max_body_bytes)
-        hlen = request.headers.get("inference-header-content-length")
-        if hlen is not None:
-            if not (hlen.strip().isascii() and hlen.strip().isdigit()) or int(hlen) > len(body):
-                raise _bad(f"Inference-Header-Content-Length={hlen!r} does not fit the {len(body)}-byte body")
-            n = int(hlen)
-            head_bytes, binary = body[:n], memoryview(body)[n:]
-        else:
-            head_bytes, binary = body, memoryview(b"")
-        try:
-            head = json.loads(head_bytes)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise _bad(f"malformed JSON inference header: {e}") from None
-        except RecursionError:
-            raise _bad("malformed JSON inference header: nested too deeply") from None
-        if not isinstance(head, dict) or not isinstance(head.get("inputs"), list) or not head["inputs"]:
-            raise _bad("the inference request must be an object with a non-empty 'inputs' list")
-        tensors: dict[str, Any] = {}
-        offset = 0
-        for inp in head["inputs"]:
-            tname, value, offset = _decode_input(inp, binary, offset)
-            if tname in tensors:
-                raise _bad(f"input '{tname}' given twice")
-            tensors[tname] = (value, _shape(inp, tname))
-        if offset != len(binary):
-            raise _bad(f"{len(binary) - offset} binary bytes after the last input are not claimed by any input")
-
-        params = head.get("parameters") or {}
-        if not isinstance(params, dict):
-            raise _bad("'parameters' must be an object")
-        normalize = params.get("normalize")
-        if normalize is not None and not isinstance(normalize, bool):
-            raise _bad("parameter 'normalize' must be true or false")
-        if "sentences" in tensors:
-            if "tokens" in tensors:
-                raise _bad("give either 'sentences' or 'tokens' (+ 'sequence_lengths'), not both")
-            values, shape = tensors["sentences"]
-            b = _batch_of(shape, "sentences")
-            service.check_count(b, "sentences")
-            try:
-                texts = [v.decode("utf-8") for v in values]
-            except UnicodeDecodeError:
-                raise _bad("input 'sentences': elements must be UTF-8 text") from None
-            prepared = await service.prepare([{"text": t} for t in texts], "sentences", normalize)
-        elif "tokens" in tensors:
-            tokens, shape = tensors["tokens"]
-            if tokens.ndim != 2:
-                raise _bad(f"input 'tokens' must have shape [B, L], got {list(shape)}")
-            b, width = tokens.shape
-            service.check_count(b, "tokens")
-            if "sequence_lengths" in tensors:
-                lengths, lshape = tensors["sequence_lengths"]
-                if _batch_of(lshape, "sequence_lengths") != b:
-                    raise _bad(f"'sequence_lengths' has {lshape[0]} rows but 'tokens' has {b}")
-                lengths = np.asarray(lengths).reshape(-1)
-            else:
-                lengths = np.full(b, width)
-            if (lengths < 1).any() or (lengths > width).any():
-                raise _bad(f"each sequence_length must be in 1..{width} (the width of 'tokens')")
-            items = [{"input_ids": tokens[i, : int(lengths[i])]} for i in range(b)]
-            prepared = await service.prepare(items, "tokens", normalize)
-        else:
-            raise _bad("missing input: give 'sentences' (BYTES) or 'tokens' + 'sequence_lengths'")
-
-        output_names = ["rewards", "exceeded", "attributes"] if multi else ["rewards", "exceeded"]
-        requested = head.get("outputs")
-        if requested is None:
-            wanted = [(k, bool(params.get("binary_data_output", False))) for k in output_names]
-        else:
-            if not isinstance(requested, list):
-                raise _bad("'outputs' must be a list")
-            wanted = []
-            for out in requested:
-                oname = out.get("name") if isinstance(out, dict) else None
-                if not isinstance(oname, str) or oname not in output_names:
-                    raise _bad(f"unknown output {oname!r}; this model has {', '.join(output_names)}")
-                oparams = out.get("parameters") or {}
-                if not isinstance(oparams, dict):
-                    raise _bad(f"output '{oname}': 'parameters' must be an object")
-                wanted.append((oname, bool(oparams.get("binary_data", False))))
-
-        s = await unless_disconnected(request.receive, service.score(prepared, ticket))
-        if per_attribute:
-            rewards = s.outputs.astype(np.float32)
-        else:
-            rewards = service.compat(s).astype(np.float32).reshape(-1, 1)
-        available = {"rewards": rewards, "exceeded": prepared.truncated.astype(np.int32).reshape(-1, 1)}
-        if multi:
-            available["attributes"] = s.outputs.astype(np.float32)
-
-        outputs_json, blobs = [], []
-        for oname, as_binary in wanted:
-            arr = available[oname]
-            dtype = "INT32" if arr.dtype == np.int32 else "FP32"
-            entry: dict[str, Any] = {"name": oname, "datatype": dtype, "shape": list(arr.shape)}
-            if as_binary:
-                raw = np.ascontiguousarray(arr, dtype="<i4" if dtype == "INT32" else "<f4").tobytes()
-                entry["parameters"] = {"binary_data_size": len(raw)}
-                blobs.append(raw)
-            else:
-                entry["data"] = [int(x) if dtype == "INT32" else float(x) for x in arr.reshape(-1)]
-            outputs_json.append(entry)
-        result: dict[str, Any] = {"model_name": cfg.model_name, "model_version": VERSION, "outputs": outputs_json}
-        if isinstance(head.get("id"), str) and head["id"]:
-            result["id"] = head["id"]
-        header = json.dumps(result).encode()
-        if not blobs:
-            return Response(header, media_type="application/json")
-        return Response(header + b"".join(blobs), media_type="application/octet-stream",
-                        headers={"Inference-Header-Content-Length": str(len(header))})
 
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
         app.add_api_route(prefix + "/ready", model_ready, methods=["GET"], tags=tags, summary="model readiness")
