@@ -417,21 +417,8 @@ def create_app(scorer, serve_config: ServeConfig | None = None, *, metrics: Serv
         raise ValueError(f"the scorer's model is {dtype} but the serve config says dtype={cfg.dtype}; load it with "
                          f"rewardforge.load(..., dtype={cfg.torch_dtype()}) or set dtype to match")
     metrics = metrics or ServeMetrics()
-    batcher = DynamicBatcher(
-        scorer.model, scorer.tokenizer.pad_token_id, scorer.model.num_outputs, device=scorer.device,
-        max_batch_items=cfg.max_batch_items, max_batch_tokens=cfg.max_batch_tokens, max_wait_ms=cfg.max_wait_ms,
-        max_queue_items=cfg.max_queue_items, max_padding=cfg.resolved_max_padding(str(scorer.device)),
-        threads=cfg.resolved_threads(str(scorer.device)), tokens_per_thread=cfg.tokens_per_thread, metrics=metrics,
-    )
-    service = ScoringService(scorer, cfg, batcher)
-    metrics.bind(lambda: batcher.queue_depth, lambda: batcher.inflight)
-
-    def count_normalized(counts: dict[str, int]) -> None:
-        for action, n in counts.items():
-            if n:
-                metrics.normalized.inc(n, action)
-
-    service.on_normalized = count_normalized
+    service = _service(scorer, cfg, metrics)
+    batcher = service.batcher
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -452,6 +439,36 @@ def create_app(scorer, serve_config: ServeConfig | None = None, *, metrics: Serv
     )
     app.state.service, app.state.batcher, app.state.metrics, app.state.config = service, batcher, metrics, cfg
     app.add_middleware(ServeMiddleware, config=cfg, metrics=metrics, api_key=cfg.resolved_api_key())
+    _add_error_handlers(app, metrics)
+    _add_operations(app, service, metrics)
+    _add_scoring(app, service)
+    triton.add_routes(app, service)
+    _install_openapi(app, cfg)
+    return app
+
+
+def _service(scorer, cfg: ServeConfig, metrics: ServeMetrics) -> ScoringService:
+    """The scoring service over a dynamic batcher, reporting to ``metrics``."""
+    batcher = DynamicBatcher(
+        scorer.model, scorer.tokenizer.pad_token_id, scorer.model.num_outputs, device=scorer.device,
+        max_batch_items=cfg.max_batch_items, max_batch_tokens=cfg.max_batch_tokens, max_wait_ms=cfg.max_wait_ms,
+        max_queue_items=cfg.max_queue_items, max_padding=cfg.resolved_max_padding(str(scorer.device)),
+        threads=cfg.resolved_threads(str(scorer.device)), tokens_per_thread=cfg.tokens_per_thread, metrics=metrics,
+    )
+    service = ScoringService(scorer, cfg, batcher)
+    metrics.bind(lambda: batcher.queue_depth, lambda: batcher.inflight)
+
+    def count_normalized(counts: dict[str, int]) -> None:
+        for action, n in counts.items():
+            if n:
+                metrics.normalized.inc(n, action)
+
+    service.on_normalized = count_normalized
+    return service
+
+
+def _add_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
+    """Every error as ``{"error": message}`` with its status, counted in ``rewardforge_rejected_total{reason}``."""
 
     @app.exception_handler(ServeError)
     async def _serve_error(request: Request, exc: ServeError):
@@ -478,6 +495,11 @@ def create_app(scorer, serve_config: ServeConfig | None = None, *, metrics: Serv
     async def _model_failed(request: Request, exc: ScoringFailed):
         return error_response(500, str(exc))
 
+
+def _add_operations(app: FastAPI, service: ScoringService, metrics: ServeMetrics) -> None:
+    """``/health`` and ``/metrics``."""
+    batcher, cfg = service.batcher, service.config
+
     @app.get("/health", tags=["operations"], summary="liveness and readiness")
     async def health():
         ready = batcher.running
@@ -489,38 +511,70 @@ def create_app(scorer, serve_config: ServeConfig | None = None, *, metrics: Serv
     async def prometheus_metrics():
         return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
 
+
+def _score_results(service: ScoringService, req: "ScoreRequest", prepared, s) -> list[dict[str, Any]]:
+    """The ``results`` of a ``/v1/score`` answer, one per item in input order."""
+    multi = len(service.attributes) > 1
+    results = []
+    for i in range(len(req.items)):
+        r: dict[str, Any] = {
+            "reward": float(s.reward[i]), "reward_normalized": float(s.normalized[i]),
+            "num_tokens": int(prepared.num_tokens[i]), "truncated": bool(prepared.truncated[i]),
+        }
+        if multi:
+            r["attributes"] = {a: float(v) for a, v in zip(service.attributes, s.outputs[i])}
+        if req.return_text:
+            r["text"] = service.read_text(prepared, i)
+        if req.return_tokens:
+            r["tokens"] = [int(x) for x in prepared.seqs[i]]
+        if prepared.normalized and prepared.normalized[i]:
+            r["normalized"] = prepared.normalized[i]
+        results.append(r)
+    return results
+
+
+def _get_reward_items(req: "GetRewardRequest") -> list[dict[str, Any]]:
+    """OpenRLHF's ``query`` (one string or a list) and optional ``prompts`` as items of the service."""
+    queries = [req.query] if isinstance(req.query, str) else req.query
+    prompts = req.prompts
+    if prompts is not None and len(prompts) != len(queries):
+        raise ServeError(422, f"prompts has {len(prompts)} entries but query has {len(queries)}; send one "
+                         "prompt per query (or no prompts)")
+    return [{"text": q} if prompts is None else {"text": q, "prompt": p}
+            for q, p in zip(queries, prompts or [None] * len(queries))]
+
+
+def _get_reward_body(service: ScoringService, prepared, s) -> dict[str, Any]:
+    """``{"rewards", "scores", "extra_logs"}``: what OpenRLHF's remote reward model client reads."""
+    rewards = [float(x) for x in service.compat(s)]
+    extra: dict[str, list[float]] = {
+        "truncated": [float(x) for x in prepared.truncated],
+        "num_tokens": [float(x) for x in prepared.num_tokens],
+        "normalized": [float(bool(a)) for a in prepared.normalized],
+    }
+    if len(service.attributes) > 1:
+        for j, name in enumerate(service.attributes):
+            extra[name] = [float(v) for v in s.outputs[:, j]]
+    return {"rewards": rewards, "scores": rewards, "extra_logs": extra}
+
+
+def _add_scoring(app: FastAPI, service: ScoringService) -> None:
+    """``/v1/score`` (native) and ``/get_reward`` (OpenRLHF)."""
+    batcher, cfg = service.batcher, service.config
+
     @app.post("/v1/score", tags=["scoring"], response_model=ScoreResponse, summary="score items (native endpoint)",
               openapi_extra=_body_doc(ScoreRequest))
     async def score(request: Request):
         await request.body()  # the whole body first: a slow client must not hold up a forming batch
         ticket = batcher.announce()  # a batch forming now waits for this request's tokens
         try:
-            return await _score(request, ticket)
+            req: ScoreRequest = await parse_body(request, ScoreRequest)
+            service.check_count(len(req.items), "items")
+            prepared = await service.prepare([_item_dict(it) for it in req.items], "items", req.normalize)
+            s = await unless_disconnected(request.receive, service.score(prepared, ticket))
         finally:
             batcher.withdraw(ticket)
-
-    async def _score(request: Request, ticket) -> JSONResponse:
-        req: ScoreRequest = await parse_body(request, ScoreRequest)
-        service.check_count(len(req.items), "items")
-        prepared = await service.prepare([_item_dict(it) for it in req.items], "items", req.normalize)
-        s = await unless_disconnected(request.receive, service.score(prepared, ticket))
-        multi = len(service.attributes) > 1
-        results = []
-        for i in range(len(req.items)):
-            r: dict[str, Any] = {
-                "reward": float(s.reward[i]), "reward_normalized": float(s.normalized[i]),
-                "num_tokens": int(prepared.num_tokens[i]), "truncated": bool(prepared.truncated[i]),
-            }
-            if multi:
-                r["attributes"] = {a: float(v) for a, v in zip(service.attributes, s.outputs[i])}
-            if req.return_text:
-                r["text"] = service.read_text(prepared, i)
-            if req.return_tokens:
-                r["tokens"] = [int(x) for x in prepared.seqs[i]]
-            if prepared.normalized and prepared.normalized[i]:
-                r["normalized"] = prepared.normalized[i]
-            results.append(r)
-        return JSONResponse({"model": cfg.model_name, "results": results})
+        return JSONResponse({"model": cfg.model_name, "results": _score_results(service, req, prepared, s)})
 
     @app.post("/get_reward", tags=["compatibility"], response_model=GetRewardResponse,
               summary="OpenRLHF remote reward model protocol (--remote_rm_url)", openapi_extra=_body_doc(GetRewardRequest))
@@ -529,31 +583,18 @@ def create_app(scorer, serve_config: ServeConfig | None = None, *, metrics: Serv
         ticket = batcher.announce()
         try:
             req: GetRewardRequest = await parse_body(request, GetRewardRequest)
-            queries = [req.query] if isinstance(req.query, str) else req.query
-            prompts = req.prompts
-            if prompts is not None and len(prompts) != len(queries):
-                raise ServeError(422, f"prompts has {len(prompts)} entries but query has {len(queries)}; send one "
-                                 "prompt per query (or no prompts)")
-            if queries:  # OpenRLHF shards its list over several servers: an empty shard is answered, not refused
-                service.check_count(len(queries), "query")
-            items = [{"text": q} if prompts is None else {"text": q, "prompt": p}
-                     for q, p in zip(queries, prompts or [None] * len(queries))]
+            items = _get_reward_items(req)
+            if items:  # OpenRLHF shards its list over several servers: an empty shard is answered, not refused
+                service.check_count(len(items), "query")
             prepared = await service.prepare(items, "query", req.normalize)
             s = await unless_disconnected(request.receive, service.score(prepared, ticket))
         finally:
             batcher.withdraw(ticket)
-        rewards = [float(x) for x in service.compat(s)]
-        extra: dict[str, list[float]] = {
-            "truncated": [float(x) for x in prepared.truncated],
-            "num_tokens": [float(x) for x in prepared.num_tokens],
-            "normalized": [float(bool(a)) for a in prepared.normalized],
-        }
-        if len(service.attributes) > 1:
-            for j, name in enumerate(service.attributes):
-                extra[name] = [float(v) for v in s.outputs[:, j]]
-        return JSONResponse({"rewards": rewards, "scores": rewards, "extra_logs": extra})
+        return JSONResponse(_get_reward_body(service, prepared, s))
 
-    triton.add_routes(app, service)
+
+def _install_openapi(app: FastAPI, cfg: ServeConfig) -> None:
+    """The OpenAPI document: the bodies parse_body reads, every error status and the bearer scheme."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -570,4 +611,3 @@ def create_app(scorer, serve_config: ServeConfig | None = None, *, metrics: Serv
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
-    return app
