@@ -458,63 +458,27 @@ def train(run: Run, *, progress: bool = True) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     cfg, acc, model, st = run.cfg, run.accelerator, run.model, run.state
-    loss_fn = run.rtype.loss_fn
     accum = cfg.train.gradient_accumulation_steps
-    world, rank = acc.num_processes, acc.process_index
+    max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
     window: dict[str, float] = {}
     t_start = time.perf_counter()
     bar = tqdm(total=run.total_steps, initial=st.step, desc="train", disable=not progress or not acc.is_main_process, dynamic_ncols=True)
     model.train()
     while st.step < run.total_steps:
         run.train_sampler.set_epoch(st.epoch)
-        plan = run.train_sampler.plan(world)
+        plan = run.train_sampler.plan(acc.num_processes)
         group = st.batch_in_epoch  # global micro-steps done in this epoch
         while group < len(plan) and st.step < run.total_steps:
             steps = plan[group : group + accum]
-            window_pairs = sum(len(b) for g in steps for b in g)
-            bad: str | None = None
-            step_stats: dict[str, float] = {}
-            for i, g in enumerate(steps):
-                mine = g[rank] if rank < len(g) else None
-                idx = mine if mine else next(b for b in g if b)[:1]  # no batch left here: one pair at weight 0
-                scale = len(mine) * world / window_pairs if mine else 0.0
-                batch = run.collate([run.train_data[j] for j in idx])
-                batch = {k: v.to(acc.device) for k, v in batch.items()}
-                # FSDP reduce-scatters every micro-batch (its gradients are sharded, not accumulated whole).
-                ctx = acc.no_sync(model) if i < len(steps) - 1 and run.strategy == "ddp" else contextlib.nullcontext()
-                with ctx, run.compute():
-                    with acc.autocast():
-                        outputs = model(batch["input_ids"], batch["attention_mask"], **model_kwargs(batch))
-                        loss, stats = loss_fn(outputs, batch, cfg)
-                    if not torch.isfinite(loss) and bad is None:
-                        bad = f"loss {loss.item()} on batch {group + i} of epoch {st.epoch} (process {rank}, examples {idx[:8]})"
-                    acc.backward(loss * scale)
-                share = len(mine) / window_pairs * world if mine else 0.0
-                step_stats["_share"] = step_stats.get("_share", 0.0) + share
-                step_stats["loss"] = step_stats.get("loss", 0.0) + loss.item() * share
-                for k, v in stats.items():
-                    step_stats[k] = step_stats.get(k, 0.0) + float(v) * share
+            step_stats, window_pairs, bad = _forward_backward(run, steps, first=group)
             group += len(steps)
             st.batch_in_epoch = group
             st.examples_seen += window_pairs
             # The gradient norm is global (gradients are already averaged), so every process agrees on it.
-            max_norm = cfg.train.max_grad_norm if cfg.train.max_grad_norm > 0 else float("inf")
             grad_norm = clip_gradients(list(model.parameters()), max_norm)
             if not math.isfinite(grad_norm):
-                what = bad or f"gradient norm {grad_norm}"
-                where = f"at step {st.step + 1} (epoch {st.epoch}, batches {group - len(steps)}-{group - 1})"
-                run.optimizer.zero_grad(set_to_none=True)
-                if cfg.train.nonfinite == "stop" or st.skipped_steps >= cfg.train.max_skipped_steps:
-                    last = list_checkpoints(cfg.output_dir)
-                    raise FloatingPointError(
-                        f"non-finite {what} {where}; stopping. The last good checkpoint is "
-                        f"{last[-1] if last else 'none (no checkpoint saved yet)'}. Lower train.learning_rate, "
-                        "check the data, or set train.nonfinite=skip to skip such steps"
-                    )
-                st.skipped_steps += 1
-                _log(run, {"step": st.step, "epoch": st.epoch, "split": "train", "skipped": True, "reason": f"non-finite {what} {where}"})
-                if acc.is_main_process:
-                    bar.write(f"skipped optimizer step: non-finite {what} {where}")
+                _skip_step(run, bar, bad or f"gradient norm {grad_norm}",
+                           f"at step {st.step + 1} (epoch {st.epoch}, batches {group - len(steps)}-{group - 1})")
                 continue
             fault_point("train_step")
             run.optimizer.step()
@@ -526,38 +490,97 @@ def train(run: Run, *, progress: bool = True) -> dict[str, Any]:
             window["steps"] = window.get("steps", 0) + 1
             bar.update(1)
             bar.set_postfix({k: f"{window[k] / max(window['_share'], 1e-12):.3f}" for k in ("loss", "accuracy") if k in window})
-
             if cfg.train.log_steps and st.step % cfg.train.log_steps == 0:
-                n = window.pop("steps")
-                window.pop("_share", None)
-                means = {k: v / n / world for k, v in window.items()}
-                if world > 1:  # every process's share, summed
-                    means = {k: float(acc.reduce(torch.tensor(v, device=acc.device), reduction="sum")) for k, v in means.items()}
-                rec = {"step": st.step, "epoch": st.epoch, "split": "train", "lr": run.scheduler.get_last_lr()[0],
-                       **means, "examples_seen": st.examples_seen, "elapsed_s": time.perf_counter() - t_start}
-                rec["grad_norm"] = grad_norm
-                _log(run, rec)
+                _log_window(run, window, grad_norm, time.perf_counter() - t_start)
                 window = {}
-            if cfg.train.eval_steps and st.step % cfg.train.eval_steps == 0 and st.step < run.total_steps:
-                val = validate(run)
-                _log(run, {"step": st.step, "epoch": st.epoch, "split": "validation", **val})
-                if acc.is_main_process:
-                    bar.write(_format_val(st.step, val))
-                evaluate_extra(run)
-            if cfg.train.save_steps and st.step % cfg.train.save_steps == 0 and st.step < run.total_steps:
-                _save(run)
-            if _stop_requested(run):
-                path = _save(run)
-                bar.close()
-                raise TrainingInterrupted(
-                    f"stopped by {run.stop_signal or 'a signal on another process'} after step {st.step}; checkpoint saved to "
-                    f"{path}. Resume with train.resume_from=auto"
-                )
+            _after_step(run, bar)
         if group >= len(plan):
             st.epoch += 1
             st.batch_in_epoch = 0
     bar.close()
     return {"train_seconds": time.perf_counter() - t_start}
+
+
+def _forward_backward(run: Run, steps: list, first: int) -> tuple[dict[str, float], int, str | None]:
+    """Forward, loss and backward of one optimizer step's micro-batches (``steps``: global micro-steps, each a
+    batch per process). Returns the step's statistics weighted by each batch's share of the step's pairs
+    (summed over this process), the pairs of the step, and the first non-finite loss met (or None)."""
+    cfg, acc, model, st = run.cfg, run.accelerator, run.model, run.state
+    world, rank = acc.num_processes, acc.process_index
+    window_pairs = sum(len(b) for g in steps for b in g)
+    bad: str | None = None
+    stats_sum: dict[str, float] = {}
+    for i, g in enumerate(steps):
+        mine = g[rank] if rank < len(g) else None
+        idx = mine if mine else next(b for b in g if b)[:1]  # no batch left here: one pair at weight 0
+        scale = len(mine) * world / window_pairs if mine else 0.0
+        batch = run.collate([run.train_data[j] for j in idx])
+        batch = {k: v.to(acc.device) for k, v in batch.items()}
+        # FSDP reduce-scatters every micro-batch (its gradients are sharded, not accumulated whole).
+        ctx = acc.no_sync(model) if i < len(steps) - 1 and run.strategy == "ddp" else contextlib.nullcontext()
+        with ctx, run.compute():
+            with acc.autocast():
+                outputs = model(batch["input_ids"], batch["attention_mask"], **model_kwargs(batch))
+                loss, stats = run.rtype.loss_fn(outputs, batch, cfg)
+            if not torch.isfinite(loss) and bad is None:
+                bad = f"loss {loss.item()} on batch {first + i} of epoch {st.epoch} (process {rank}, examples {idx[:8]})"
+            acc.backward(loss * scale)
+        share = len(mine) / window_pairs * world if mine else 0.0
+        stats_sum["_share"] = stats_sum.get("_share", 0.0) + share
+        stats_sum["loss"] = stats_sum.get("loss", 0.0) + loss.item() * share
+        for k, v in stats.items():
+            stats_sum[k] = stats_sum.get(k, 0.0) + float(v) * share
+    return stats_sum, window_pairs, bad
+
+
+def _skip_step(run: Run, bar, what: str, where: str) -> None:
+    """A non-finite loss or gradient: drop the step's gradients, then stop (``train.nonfinite=stop``, or too
+    many skipped) naming the last good checkpoint, or skip the step and log it."""
+    cfg, st = run.cfg, run.state
+    run.optimizer.zero_grad(set_to_none=True)
+    if cfg.train.nonfinite == "stop" or st.skipped_steps >= cfg.train.max_skipped_steps:
+        last = list_checkpoints(cfg.output_dir)
+        raise FloatingPointError(
+            f"non-finite {what} {where}; stopping. The last good checkpoint is "
+            f"{last[-1] if last else 'none (no checkpoint saved yet)'}. Lower train.learning_rate, "
+            "check the data, or set train.nonfinite=skip to skip such steps"
+        )
+    st.skipped_steps += 1
+    _log(run, {"step": st.step, "epoch": st.epoch, "split": "train", "skipped": True, "reason": f"non-finite {what} {where}"})
+    if run.accelerator.is_main_process:
+        bar.write(f"skipped optimizer step: non-finite {what} {where}")
+
+
+def _log_window(run: Run, window: dict[str, float], grad_norm: float, elapsed: float) -> None:
+    """The means of the steps since the last log line, over every process, to metrics.jsonl and the trackers."""
+    acc, st, world = run.accelerator, run.state, run.accelerator.num_processes
+    n = window.pop("steps")
+    window.pop("_share", None)
+    means = {k: v / n / world for k, v in window.items()}
+    if world > 1:  # every process's share, summed
+        means = {k: float(acc.reduce(torch.tensor(v, device=acc.device), reduction="sum")) for k, v in means.items()}
+    _log(run, {"step": st.step, "epoch": st.epoch, "split": "train", "lr": run.scheduler.get_last_lr()[0], **means,
+               "examples_seen": st.examples_seen, "elapsed_s": elapsed, "grad_norm": grad_norm})
+
+
+def _after_step(run: Run, bar) -> None:
+    """Validation, extra evaluation and checkpoints when their step comes; a requested stop saves and raises."""
+    cfg, st, acc = run.cfg, run.state, run.accelerator
+    if cfg.train.eval_steps and st.step % cfg.train.eval_steps == 0 and st.step < run.total_steps:
+        val = validate(run)
+        _log(run, {"step": st.step, "epoch": st.epoch, "split": "validation", **val})
+        if acc.is_main_process:
+            bar.write(_format_val(st.step, val))
+        evaluate_extra(run)
+    if cfg.train.save_steps and st.step % cfg.train.save_steps == 0 and st.step < run.total_steps:
+        _save(run)
+    if _stop_requested(run):
+        path = _save(run)
+        bar.close()
+        raise TrainingInterrupted(
+            f"stopped by {run.stop_signal or 'a signal on another process'} after step {st.step}; checkpoint saved to "
+            f"{path}. Resume with train.resume_from=auto"
+        )
 
 
 class TrainingInterrupted(KeyboardInterrupt):
