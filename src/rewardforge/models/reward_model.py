@@ -200,41 +200,52 @@ class RewardModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, position_ids: torch.Tensor | None = None,
                 reward_positions: torch.Tensor | None = None, attn_mask_4d: torch.Tensor | None = None) -> torch.Tensor:
-        """Rewards ``[rows, N]``; for a packed pair batch (:mod:`rewardforge.data.packing`: ``position_ids``,
-        ``attn_mask_4d`` [B, 1, L, L] bool, ``reward_positions`` [B, 2]) ``[2B, N]``, chosen rows first."""
-        if attn_mask_4d is not None:
-            if self.pooling != "last_token":
-                raise ModelError("packed (shared-prompt) batches need a decoder backbone (pooling last_token)")
-            mask = attn_mask_4d
-            if self.config._attn_implementation == "eager":  # eager adds the mask to the scores
-                dtype = self.hf.get_input_embeddings().weight.dtype
-                mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-            if self.sparse_last_layer:  # the last layer returns only the reward tokens: [B, 2, hidden]
-                hidden = self.hf.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                                            **{lastlayer.READ_POSITIONS: reward_positions})[0]
-                return self.head()(torch.cat(hidden.unbind(1))).float()
-            hidden = self.hf.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids)[0]
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            last = torch.cat([hidden[rows, reward_positions[:, j]] for j in range(reward_positions.shape[1])])
-            return self.head()(last).float()
+        """Rewards ``[rows, N]`` in fp32: the head applied to the hidden state of each row's reward token.
+
+        For a packed batch (:mod:`rewardforge.data.packing`: ``position_ids``, ``attn_mask_4d`` [B, 1, L, L]
+        bool, ``reward_positions`` [B, K], one column per branch) ``[K*B, N]``, branch by branch (for pairs:
+        chosen rows first).
+        """
         if self.pooling == "pooled":
-            # An encoder's head reads the first token only, so the last layer computes just it. (A decoder's
-            # own head, pooling=pooled, finds its token from the pad id: its last layer runs in full.)
-            first_token_head = self.sparse_last_layer and self.last_layer_family == "encoder"
-            read = {lastlayer.READ_POSITIONS: input_ids.new_zeros(input_ids.shape[0], 1)} if first_token_head else {}
-            logits = self.hf(input_ids=input_ids, attention_mask=attention_mask, **read).logits
-            return logits.float()
-        # Positions count real tokens only, so left and right padding give the same rewards.
+            if attn_mask_4d is not None:
+                raise ModelError("packed (shared-prompt) batches need a decoder backbone (pooling last_token)")
+            return self._pooled(input_ids, attention_mask)
+        if attn_mask_4d is not None:
+            hidden = self._hidden_at(input_ids, self._packed_mask(attn_mask_4d), position_ids, reward_positions)
+            return self.head()(torch.cat(hidden.unbind(1))).float()
+        # The reward rule: read at the last real token. Positions count real tokens only, so left and right
+        # padding give the same rewards.
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        idx = reward_token_index(attention_mask)
+        hidden = self._hidden_at(input_ids, attention_mask, position_ids, reward_token_index(attention_mask)[:, None])
+        return self.head()(hidden[:, 0]).float()
+
+    def _hidden_at(self, input_ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
+                   positions: torch.Tensor) -> torch.Tensor:
+        """The backbone's last hidden states at ``positions`` [B, K]: ``[B, K, hidden]``. With the sparse last
+        layer (:mod:`rewardforge.models.lastlayer`) that layer computes only those tokens; else the full output
+        is gathered. The two agree to float rounding (tests/test_lastlayer.py)."""
         if self.sparse_last_layer:
-            out = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                     **{lastlayer.READ_POSITIONS: idx[:, None]})
-            return self.head()(out[0][:, 0]).float()
-        out = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-        hidden = out[0]
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
-        return self.head()(last).float()
+            return self.hf.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+                                      **{lastlayer.READ_POSITIONS: positions})[0]
+        hidden = self.hf.base_model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids)[0]
+        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
+        return hidden[rows, positions]
+
+    def _packed_mask(self, attn_mask_4d: torch.Tensor) -> torch.Tensor:
+        """A packed batch's bool branch mask, as the attention implementation takes it (eager adds it to the scores)."""
+        if self.config._attn_implementation != "eager":
+            return attn_mask_4d
+        dtype = self.hf.get_input_embeddings().weight.dtype
+        return torch.zeros(attn_mask_4d.shape, dtype=dtype, device=attn_mask_4d.device).masked_fill(~attn_mask_4d,
+                                                                                                  torch.finfo(dtype).min)
+
+    def _pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """An encoder's own classification head (its pooled first token). It reads that token only, so the last
+        layer computes just it; a decoder's own head (pooling=pooled) finds its token from the pad id, so its
+        last layer runs in full."""
+        first_token_head = self.sparse_last_layer and self.last_layer_family == "encoder"
+        read = {lastlayer.READ_POSITIONS: input_ids.new_zeros(input_ids.shape[0], 1)} if first_token_head else {}
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask, **read).logits.float()
 
 
 _EMPTY_WEIGHTS: contextvars.ContextVar[bool] = contextvars.ContextVar("rewardforge_empty_weights", default=False)
