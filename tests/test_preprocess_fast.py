@@ -24,7 +24,8 @@ from conftest import CHATML, rated_rows, write_jsonl
 from rewardforge.data import DataError, build_dataset, setup_template
 from rewardforge.data import tokenize as T
 from rewardforge.data.batching import PairCollator, RatedCollator
-from rewardforge.data.template import PLAIN_TEMPLATE, TextRenderer, _common_prefix_length, _plain_parts
+from rewardforge.data.formats import common_prefix_length as _common_prefix_length
+from rewardforge.data.template import PLAIN_TEMPLATE, TextRenderer, _plain_parts
 from rewardforge.models.reward_model import load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent

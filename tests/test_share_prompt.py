@@ -15,7 +15,8 @@ from rewardforge.data.batching import PairCollator
 from rewardforge.data.datasets import build_dataset
 from rewardforge.data.template import setup_template
 from rewardforge.models.reward_model import build_model, load_tokenizer
-from rewardforge.data.packing import PackedPairCollator, common_prefix_length, model_kwargs, pack_pair, packed_mask
+from rewardforge.data.formats import common_prefix_length
+from rewardforge.data.packing import PackedPairCollator, model_kwargs, pack_pair, packed_mask
 from rewardforge.train import run_training
 
 DECODERS = ["gpt2", "llama", "qwen2"]

@@ -244,13 +244,38 @@ def split_shared_prompt(chosen: list[Message], rejected: list[Message]) -> tuple
     return chosen[:k], chosen[k:], rejected[k:]
 
 
-def _common_prefix(a: str, b: str) -> int:
+def common_prefix_length(a, b) -> int:
+    """Number of leading items two strings (or two token-id arrays) share: the one definition.
+
+    Strings compare in C (``startswith`` and bisection over slices), arrays with numpy.
+
+    Example:
+        >>> common_prefix_length("Human: hi", "Human: hello"), common_prefix_length([1, 2, 3], [1, 2, 4, 5])
+        (8, 2)
+    """
+    if not isinstance(a, str):
+        import numpy as np
+
+        n = min(len(a), len(b))
+        diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+        return int(diff[0]) if len(diff) else n
+    if b.startswith(a):
+        return len(a)
+    lo, hi = 0, min(len(a), len(b))  # a[:lo] == b[:lo]; a[:hi + 1] != b[:hi + 1]
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _shared_prompt_length(a: str, b: str) -> int:
     """Length of the shared prompt of two raw texts: their common prefix, backed up to a whitespace
     boundary when the texts part mid-word (so both responses start with a whole word)."""
     n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
+    i = common_prefix_length(a, b)
     if 0 < i < n and not a[i - 1].isspace():
         j = i
         while j > 0 and not a[j - 1].isspace():
@@ -287,7 +312,7 @@ def _parse_pair(record: Any, where: str, fmt: str) -> PreferencePair:
             cm, rm = parse_dialogue(c), parse_dialogue(r)
             if cm is None or rm is None:
                 # No turn markers: the shared text prefix is the prompt, used verbatim.
-                n = _common_prefix(c, r)
+                n = _shared_prompt_length(c, r)
                 return PreferencePair(c[:n], c[n:], r[n:], _margin(record, where), _extra(record, {"chosen", "rejected", "margin"}), where)
         prompt, chosen, rejected = split_shared_prompt(cm, rm)
         used = {"chosen", "rejected", "margin"}
@@ -444,7 +469,7 @@ def parse_rows(
                     continue
                 first, pending = pending, None
                 first_text, first_extra = first.data
-                n = _common_prefix(first_text, text)
+                n = _shared_prompt_length(first_text, text)
                 # Both lines' other fields are kept; where both lines have one, the second line's value wins.
                 extra = {**first_extra, **_extra(row.data, {"text"})}
                 yield PreferencePair(first_text[:n], first_text[n:], text[n:], None, extra, f"{first.where}-{row.index}")

@@ -22,21 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from rewardforge.data.formats import common_prefix_length
+from rewardforge.models.families import MASK_KERNELS as ATTN_IMPLEMENTATIONS
+
 # Batch keys (besides input_ids / attention_mask) that RewardModel.forward takes as keywords.
 MODEL_KEYS = ("position_ids", "reward_positions", "attn_mask_4d")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "rf_eager")
-
-
-def common_prefix_length(a: np.ndarray, b: np.ndarray) -> int:
-    """Number of leading tokens ``a`` and ``b`` share.
-
-    Example:
-        >>> common_prefix_length(np.array([1, 2, 3]), np.array([1, 2, 4, 5]))
-        2
-    """
-    n = min(len(a), len(b))
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0]) if len(diff) else n
 
 
 def pack_pair(chosen: np.ndarray, rejected: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:

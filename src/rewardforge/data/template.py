@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-from rewardforge.data.formats import Conversation
+from rewardforge.data.formats import Conversation, common_prefix_length
 from rewardforge.data.readers import DataError
 
 PLAIN_TEMPLATE = (
@@ -80,20 +80,6 @@ def _plain_parts(messages) -> list[str] | None:
         prefix = _PLAIN_PREFIX.get(role)
         parts.append((prefix if prefix is not None else role.capitalize() + ": ") + content)
     return parts
-
-
-def _common_prefix_length(a: str, b: str) -> int:
-    """Length of the longest common prefix (the character loop it replaces, in C: startswith and bisection)."""
-    if b.startswith(a):
-        return len(a)
-    lo, hi = 0, min(len(a), len(b))  # a[:lo] == b[:lo]; a[:hi + 1] != b[:hi + 1]
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 class TextRenderer:
@@ -178,7 +164,7 @@ class TextRenderer:
             while i < n and head[i] == full[i]:
                 i += 1
             return i
-        return _common_prefix_length(head, full)
+        return common_prefix_length(head, full)
 
     def render_pair(
         self, prompt: Conversation, chosen: Conversation, rejected: Conversation, where: str = ""

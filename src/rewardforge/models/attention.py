@@ -28,10 +28,12 @@ import sys
 import torch
 from torch import nn
 
+from rewardforge.models import families
+
 NAME = "rf_eager"
 # Model types whose attention modules call the attention function with nothing beyond
 # (query, key, value, mask, scaling, dropout): what model.attn_implementation=auto uses it for.
-MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "electra", "llama", "mistral", "qwen2", "qwen3")
+MODEL_TYPES = families.KNOWN
 
 
 def _empty(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:

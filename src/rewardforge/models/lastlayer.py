@@ -29,12 +29,10 @@ from types import MethodType
 import torch
 from torch import nn
 
+from rewardforge.models import families
+
 READ_POSITIONS = "rf_read_positions"
 
-# Encoders whose sequence-classification head reads only the first token of the last hidden state.
-_FIRST_TOKEN_ENCODERS = ("bert", "roberta", "xlm-roberta", "electra")
-_DECODERS = ("llama", "mistral", "qwen2", "qwen3")
-_KERNELS = ("eager", "sdpa", "rf_eager")
 
 
 def _layers(hf: nn.Module) -> nn.ModuleList | None:
@@ -50,13 +48,13 @@ def _layers(hf: nn.Module) -> nn.ModuleList | None:
 
 def _family(hf: nn.Module, layer: nn.Module) -> str | None:
     mt = hf.config.model_type
-    if mt in _FIRST_TOKEN_ENCODERS:
+    if mt in families.ENCODERS:
         attn = getattr(layer, "attention", None)
         sa = getattr(attn, "self", None)
         ok = all(hasattr(sa, n) for n in ("query", "key", "value", "scaling", "attention_head_size"))
         ok = ok and all(hasattr(layer, n) for n in ("intermediate", "output")) and hasattr(attn, "output")
         return "encoder" if ok and not getattr(layer, "add_cross_attention", False) else None
-    if mt in _DECODERS:
+    if mt in families.DECODERS:
         sa = getattr(layer, "self_attn", None)
         ok = all(hasattr(sa, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
         ok = ok and all(hasattr(layer, n) for n in ("input_layernorm", "post_attention_layernorm", "mlp"))
@@ -162,7 +160,7 @@ def _decoder_layer(layer, hidden: torch.Tensor, attention_mask, positions: torch
 
 def _reduced_ok(layer, family: str, attention_mask) -> bool:
     sa = layer.attention.self if family == "encoder" else layer.self_attn
-    if sa.config._attn_implementation not in _KERNELS:
+    if sa.config._attn_implementation not in families.MASK_KERNELS:
         return False
     if family == "encoder":
         return not getattr(layer, "chunk_size_feed_forward", 0)
