@@ -114,7 +114,7 @@ def model_flop_profile(model) -> dict[str, Any]:
     """Per-block matmul weights, hidden size and which blocks need a backward pass (for the FLOP formula)."""
     import torch
 
-    from rewardforge.models.reward_model import _layer_list
+    from rewardforge.models.reward_model import transformer_layers
 
     hf = model
     while hasattr(hf, "model") and not hasattr(hf, "config"):
@@ -123,7 +123,7 @@ def model_flop_profile(model) -> dict[str, Any]:
         hf = hf.hf
     cfg = hf.config
     n_layers = getattr(cfg, "num_hidden_layers", None)
-    layers = _layer_list(hf, n_layers)
+    layers = transformer_layers(hf, n_layers)
     if layers is None:
         raise RuntimeError("cannot find the transformer blocks for the FLOP count")
     per_layer, trainable = [], []

@@ -27,7 +27,6 @@ RM's own template.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -35,46 +34,11 @@ import numpy as np
 
 from rewardforge.data.formats import Conversation
 from rewardforge.data.readers import DataError
-from rewardforge.data.template import TextRenderer
+from rewardforge.data.template import TextRenderer, unwrap_template, wrap_template
 from rewardforge.data.tokenize import TruncationStats, kept_ranges, text_ends, tokenize_texts
 
 # A response nobody writes: rendered to find where a template puts the response's content.
 SENTINEL = "\u2063rf-response\u2063"
-
-# ---------------------------------------------------------------- the exported chat template
-
-_WRAP_HEAD = "{#- rewardforge input format: "
-_WRAP_RE = re.compile(r"^\{#- rewardforge input format: (\{.*?\}) -#\}\{% set rf_body %\}(.*)\{% endset %\}", re.S)
-
-
-def wrap_template(base: str, lead: str, trail: str) -> str:
-    """``base`` as a template that also writes ``lead`` before and ``trail`` after the conversation.
-
-    A ``lead`` the base template writes itself (Llama-3's ``<|begin_of_text|>``) is written once. ``trail``
-    is left out when ``add_generation_prompt`` is set (the text goes on after it).
-    """
-    meta = json.dumps({"lead": lead, "trail": trail}, ensure_ascii=True)
-    lit_lead, lit_trail = json.dumps(lead), json.dumps(trail)
-    return (
-        f"{_WRAP_HEAD}{meta} -#}}"
-        "{% set rf_body %}" + base + "{% endset %}"
-        f"{{%- set rf_lead = {lit_lead} -%}}"
-        "{%- if rf_lead and rf_body.startswith(rf_lead) -%}{%- set rf_body = rf_body[rf_lead | length:] -%}{%- endif -%}"
-        "{{- rf_lead -}}{{- rf_body -}}"
-        f"{{%- if not add_generation_prompt -%}}{{{{- {lit_trail} -}}}}{{%- endif -%}}"
-    )
-
-
-def unwrap_template(template: str | None) -> tuple[str, str, str] | None:
-    """(base template, lead, trail) of a template made by :func:`wrap_template`; None for any other."""
-    if not template or not template.startswith(_WRAP_HEAD):
-        return None
-    m = _WRAP_RE.match(template)
-    if m is None:
-        return None
-    meta = json.loads(m.group(1))
-    return m.group(2), meta["lead"], meta["trail"]
-
 
 # ---------------------------------------------------------------- the format
 

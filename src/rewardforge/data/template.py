@@ -8,7 +8,9 @@ reproduce the text with ``tokenizer.apply_chat_template``.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 
 from rewardforge.data.formats import Conversation, common_prefix_length
 from rewardforge.data.readers import DataError
@@ -30,8 +32,6 @@ def setup_template(tokenizer, template: str) -> str:
     """Install the chosen template on the tokenizer and return its name ('tokenizer' or 'plain')."""
     if template not in TEMPLATES:
         raise DataError(f"data.template={template!r} is not valid; choose one of {', '.join(TEMPLATES)}")
-    from rewardforge.data.inputs import unwrap_template
-
     wrap = unwrap_template(getattr(tokenizer, "chat_template", None))
     base = wrap[0] if wrap is not None else getattr(tokenizer, "chat_template", None)
     has_own = bool(base) and base != PLAIN_TEMPLATE
@@ -102,9 +102,7 @@ class TextRenderer:
         self._wrap = None
 
     def _wrapped(self):
-        """(base template, lead, trail) of an export's template (rewardforge.data.inputs.wrap_template), or None."""
-        from rewardforge.data.inputs import unwrap_template
-
+        """(base template, lead, trail) of an export's template (:func:`wrap_template`), or None."""
         template = getattr(self.tokenizer, "chat_template", None)
         if template is not getattr(self, "_wrap_seen", None):
             self._wrap_seen, self._wrap = template, unwrap_template(template)
@@ -192,3 +190,38 @@ class TextRenderer:
         except Exception as e:  # jinja errors, templates rejecting roles
             raise DataError(f"{where}: the chat template cannot render these messages ({type(e).__name__}: {e})") from None
         return full_c, self._start(head, full_c), full_r, self._start(head, full_r)
+
+
+# ---------------------------------------------------------------- the exported chat template
+
+_WRAP_HEAD = "{#- rewardforge input format: "
+_WRAP_RE = re.compile(r"^\{#- rewardforge input format: (\{.*?\}) -#\}\{% set rf_body %\}(.*)\{% endset %\}", re.S)
+
+
+def wrap_template(base: str, lead: str, trail: str) -> str:
+    """``base`` as a template that also writes ``lead`` before and ``trail`` after the conversation.
+
+    A ``lead`` the base template writes itself (Llama-3's ``<|begin_of_text|>``) is written once. ``trail``
+    is left out when ``add_generation_prompt`` is set (the text goes on after it).
+    """
+    meta = json.dumps({"lead": lead, "trail": trail}, ensure_ascii=True)
+    lit_lead, lit_trail = json.dumps(lead), json.dumps(trail)
+    return (
+        f"{_WRAP_HEAD}{meta} -#}}"
+        "{% set rf_body %}" + base + "{% endset %}"
+        f"{{%- set rf_lead = {lit_lead} -%}}"
+        "{%- if rf_lead and rf_body.startswith(rf_lead) -%}{%- set rf_body = rf_body[rf_lead | length:] -%}{%- endif -%}"
+        "{{- rf_lead -}}{{- rf_body -}}"
+        f"{{%- if not add_generation_prompt -%}}{{{{- {lit_trail} -}}}}{{%- endif -%}}"
+    )
+
+
+def unwrap_template(template: str | None) -> tuple[str, str, str] | None:
+    """(base template, lead, trail) of a template made by :func:`wrap_template`; None for any other."""
+    if not template or not template.startswith(_WRAP_HEAD):
+        return None
+    m = _WRAP_RE.match(template)
+    if m is None:
+        return None
+    meta = json.loads(m.group(1))
+    return m.group(2), meta["lead"], meta["trail"]

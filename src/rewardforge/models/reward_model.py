@@ -134,7 +134,8 @@ def ensure_pad_token(tokenizer, pooling: str) -> bool:
     return True
 
 
-def _layer_list(module: nn.Module, num_layers: int | None) -> nn.ModuleList | None:
+def transformer_layers(module: nn.Module, num_layers: int | None = None) -> nn.ModuleList | None:
+    """The transformer blocks of ``module``: its longest ModuleList (of ``num_layers`` entries when given)."""
     best = None
     for m in module.modules():
         if isinstance(m, nn.ModuleList) and (num_layers is None or len(m) == num_layers):
@@ -148,7 +149,7 @@ def freeze_lower_layers(hf_model: nn.Module, fraction: float) -> int:
     if fraction <= 0:
         return 0
     base = hf_model.base_model
-    layers = _layer_list(base, getattr(hf_model.config, "num_hidden_layers", None))
+    layers = transformer_layers(base, getattr(hf_model.config, "num_hidden_layers", None))
     if layers is None:
         raise ModelError("cannot find the transformer layers of this backbone to freeze; set model.freeze_layers_fraction=0")
     k = int(len(layers) * fraction)
