@@ -188,7 +188,7 @@ def test_estimate_memory_sizes_a_config_without_loading_weights(tiny_model):
     from rewardforge.config import load_config
     from rewardforge.models.reward_model import load_tokenizer
     from rewardforge.registry import get_reward_model_spec
-    from rewardforge.training.memory import estimate_for_config
+    from rewardforge.train import estimate_for_config
 
     overrides = [f"model.name_or_path={tiny_model('llama')}", "train.strategy=fsdp"]
     cfg = load_config(None, overrides)

@@ -305,7 +305,7 @@ def test_default_precision_is_resolved_at_setup_and_recorded(native, tiny_model,
 def test_memory_estimate_uses_the_precision_auto_gives_that_launch(tiny_model, monkeypatch):
     """--estimate-memory --processes N: under DDP auto means bf16 (no bf16 weight copy), on one process bf16_master."""
     import rewardforge.training.precision as prec
-    from rewardforge.training.memory import estimate_for_config
+    from rewardforge.train import estimate_for_config
 
     monkeypatch.setattr(prec, "native_bf16", lambda device_type: True)
     src = tiny_model("llama")

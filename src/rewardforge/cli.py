@@ -58,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(dump_config(cfg))
         return 0
     if args.estimate_memory:
-        from rewardforge.training.memory import estimate_for_config
+        from rewardforge.train import estimate_for_config
 
         est = estimate_for_config(cfg, args.processes)
         print(json.dumps(est, indent=2))

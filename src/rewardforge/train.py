@@ -158,6 +158,24 @@ def load_data(cfg: Config, rtype: ResolvedType, tokenizer):
     return train, val, reports
 
 
+def estimate_for_config(cfg: Config, processes: int = 1) -> dict[str, float]:
+    """:func:`~rewardforge.training.memory.estimate_memory` for a config before launching it: the model is built without its weights.
+
+    ``processes`` matters under ``train.strategy=fsdp`` (states are sharded over them); the
+    activations assume sequences of ``data.max_length``, the worst case.
+    """
+    from rewardforge.models.reward_model import empty_weights
+
+    rtype = resolve_type(cfg)
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    with empty_weights():
+        model = rtype.build_model(cfg, tokenizer)
+    shards = processes if cfg.train.strategy == "fsdp" and processes > 1 else 1
+    # the precision that launch would train in (auto under DDP: bf16, not bf16_master's extra bf16 copy)
+    cfg = replace(cfg, train=replace(cfg.train, precision=effective_precision(cfg, processes)))
+    return {"processes": processes, "strategy": cfg.train.strategy, **estimate_memory(model, cfg, cfg.data.max_length, shards=shards)}
+
+
 def _make_accelerator(cfg: Config):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState

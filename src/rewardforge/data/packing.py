@@ -97,7 +97,7 @@ def model_kwargs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def check_share_prompt(model) -> None:
     """Raise ConfigError unless ``model`` (a RewardModel) can run packed pairs."""
-    from rewardforge.config import ConfigError
+    from rewardforge.errors import ConfigError
 
     if model.pooling != "last_token":
         raise ConfigError("train.share_prompt=true needs a decoder backbone (pooling last_token); "

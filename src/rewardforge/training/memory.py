@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 from rewardforge.config import Config
@@ -38,25 +37,6 @@ def estimate_memory(model, cfg: Config, max_tokens: int, shards: int = 1) -> dic
            "grads_and_optimizer_gib": 12 * trainable / shards / gib, "activations_gib": act / gib}
     out["total_gib"] = out["weights_gib"] + out["grads_and_optimizer_gib"] + out["activations_gib"]
     return out
-
-
-def estimate_for_config(cfg: Config, processes: int = 1) -> dict[str, float]:
-    """:func:`estimate_memory` for a config before launching it: the model is built without its weights.
-
-    ``processes`` matters under ``train.strategy=fsdp`` (states are sharded over them); the
-    activations assume sequences of ``data.max_length``, the worst case.
-    """
-    from rewardforge.models.reward_model import empty_weights, load_tokenizer
-    from rewardforge.registry import resolve_type
-
-    rtype = resolve_type(cfg)
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-    with empty_weights():
-        model = rtype.build_model(cfg, tokenizer)
-    shards = processes if cfg.train.strategy == "fsdp" and processes > 1 else 1
-    # the precision that launch would train in (auto under DDP: bf16, not bf16_master's extra bf16 copy)
-    cfg = replace(cfg, train=replace(cfg.train, precision=effective_precision(cfg, processes)))
-    return {"processes": processes, "strategy": cfg.train.strategy, **estimate_memory(model, cfg, cfg.data.max_length, shards=shards)}
 
 
 def check_free_space(output_dir: str | Path, parameters: int, trainable: int, keep: int) -> None:
