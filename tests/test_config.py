@@ -171,6 +171,8 @@ def test_malformed_overrides_and_files(tmp_path):
         (["data.truncation=middle"], r"data\.truncation='middle' is not valid; choose one of prompt_left, response_right"),
         (["train.lr_scheduler=step"], r"train\.lr_scheduler='step' is not valid; choose one of cosine, linear, constant"),
         (["train.precision=fp16"], r"train\.precision='fp16' is not valid; choose one of auto, fp32, bf16"),
+        (["data.format=csv"], r"data\.format='csv' is not valid; choose one of auto, explicit, implicit_prompt"),
+        (["data.template=chatml"], r"data\.template='chatml' is not valid; choose one of auto, plain, tokenizer"),
         # ranges
         (["train.batch_size=0"], r"train\.batch_size must be > 0, got 0"),
         (["train.gradient_accumulation_steps=-1"], r"train\.gradient_accumulation_steps must be > 0, got -1"),

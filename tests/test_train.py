@@ -123,6 +123,18 @@ def test_export_from_checkpoint_matches_the_end_of_run_export(resume_runs, tmp_p
     assert meta_c["reward_mean"] == pytest.approx(meta_a["reward_mean"], abs=1e-6)
 
 
+def test_precision_auto_is_resolved_on_the_run_and_in_config_yaml_not_in_the_callers_config(tiny_model, pairs_file, tmp_path):
+    import yaml
+
+    from rewardforge.training.precision import effective_precision
+
+    cfg = load_config(None, _base(tiny_model("gpt2"), pairs_file, tmp_path / "o", "train.max_steps=1", "train.precision=auto"))
+    run_training(cfg, progress=False, export=False)
+    assert cfg.train.precision == "auto"  # the caller's config is untouched
+    written = yaml.safe_load((tmp_path / "o" / "config.yaml").read_text())["train"]["precision"]
+    assert written == effective_precision(cfg) and written in ("fp32", "bf16", "bf16_master")
+
+
 def test_auto_resume_without_checkpoint_starts_fresh(tiny_model, pairs_file, tmp_path):
     s = run_training(load_config(None, _base(tiny_model("gpt2"), pairs_file, tmp_path / "o", "train.max_steps=2",
                                              "train.resume_from=auto")), progress=False)
