@@ -347,10 +347,6 @@ def evaluate_model(
         >>> m["results"]["quickstart/model"]["datasets"]["validation"]["overall"]["accuracy"]  # doctest: +SKIP
         0.93
     """
-    import rewardforge
-    from rewardforge.export.model_dir import find_model_dir, read_metadata
-    from rewardforge.scoring import load
-
     t0 = time.perf_counter()
     dirs = [model_dirs] if isinstance(model_dirs, (str, Path)) else list(model_dirs)
     paths = [data_paths] if isinstance(data_paths, str) else [str(p) for p in data_paths]
@@ -360,37 +356,66 @@ def evaluate_model(
         raise ConfigError(f"batch_size ({batch_size}) and bins ({n_bins}) must be >= 1, limit ({limit}) and top ({top}) >= 0")
     if sections not in (None, "auto", "none", "rewardbench") and not isinstance(sections, Mapping):
         sections = resolve_sections(sections, ())  # a bad mapping file fails before any scoring
-    resolved = [find_model_dir(d) for d in dirs]
-    metas = [read_metadata(d) for d in resolved]
-    attr_lists = [list(m.get("attributes") or []) if m.get("reward_model_type") != "binary_ranking" else [] for m in metas]
-    rated_attrs = attr_lists[0] or None
     if not paths:
         raise DataError("no evaluation data given; pass one or more data files")
-    datasets = load_eval_data(paths, fmt=fmt, attributes=rated_attrs, skip_bad_rows=skip_bad_rows, field_map=field_map,
-                              split=split, limit=limit, subset_field=subset_field)
-    if any(d.kind == "rated" for d in datasets) and any(a != attr_lists[0] for a in attr_lists):
-        raise ConfigError(f"the models predict different attributes {attr_lists}; rated data can only be compared "
-                          "across models with the same attributes")
+    resolved, metas, datasets = _models_and_data(dirs, paths, fmt=fmt, skip_bad_rows=skip_bad_rows, field_map=field_map,
+                                                 split=split, limit=limit, subset_field=subset_field)
     if out_dir is not None:  # before scoring: an unwritable directory fails fast
         from rewardforge.config import ensure_writable_dir
 
         ensure_writable_dir(out_dir, "--out")
     if validation_split:
+        from rewardforge.scoring import load
+
         keep_validation_pairs(load(resolved[0], batch_size=batch_size, device="cpu"), datasets)
-    names = model_names([str(d) for d in dirs])
-    evals: list[ModelEval] = []
+    evals = _score_models(model_names([str(d) for d in dirs]), resolved, datasets, batch_size=batch_size, device=device,
+                          progress=progress, subset_field=subset_field, strength_field=strength_field, sections=sections,
+                          n_bins=n_bins)
+    result = _result(evals, resolved, metas, datasets, top=top)
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    result = _json_safe(result)
+    if out_dir is not None:
+        out = Path(out_dir)
+        if report:
+            from rewardforge.eval.report import write_report
+
+            write_report(result, evals, datasets, out)
+        (out / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    return result
+
+
+def _models_and_data(dirs: Sequence, paths: Sequence[str], **read: Any) -> tuple[list[Path], list[dict], list[EvalDataset]]:
+    """The model directories, their metadata, and the datasets read for them (rated data needs models that
+    predict the same attributes)."""
+    from rewardforge.export.model_dir import find_model_dir, read_metadata
+
+    resolved = [find_model_dir(d) for d in dirs]
+    metas = [read_metadata(d) for d in resolved]
+    attr_lists = [list(m.get("attributes") or []) if m.get("reward_model_type") != "binary_ranking" else [] for m in metas]
+    datasets = load_eval_data(paths, attributes=attr_lists[0] or None, **read)
+    if any(d.kind == "rated" for d in datasets) and any(a != attr_lists[0] for a in attr_lists):
+        raise ConfigError(f"the models predict different attributes {attr_lists}; rated data can only be compared "
+                          "across models with the same attributes")
+    return resolved, metas, datasets
+
+
+def _score_models(names: Sequence[str], resolved: Sequence[Path], datasets: Sequence[EvalDataset], *, batch_size: int,
+                  device: str | None, progress: bool, **metrics: Any) -> list[ModelEval]:
+    """Every model's :class:`ModelEval`, loaded one at a time, under one progress bar (one ETA) for the whole run."""
     from tqdm.auto import tqdm
+
+    from rewardforge.scoring import load
 
     per_model = sum(2 * len(ds.items) if ds.kind == "pairs" else sum(len(it.responses) for it in ds.items)
                     if ds.kind == "best_of_n" else len(ds.items) if ds.kind == "rated" else 0 for ds in datasets)
-    overall = tqdm(total=per_model * len(dirs), desc=f"eval ({len(dirs)} model(s), {len(datasets)} file(s))", unit="seq",
-                   disable=not progress, dynamic_ncols=True, mininterval=1.0)
-    OVERALL_BAR.append(overall)  # one bar, one ETA for the whole evaluation
+    overall = tqdm(total=per_model * len(resolved), desc=f"eval ({len(resolved)} model(s), {len(datasets)} file(s))",
+                   unit="seq", disable=not progress, dynamic_ncols=True, mininterval=1.0)
+    OVERALL_BAR.append(overall)
+    evals: list[ModelEval] = []
     try:
-        for name, d, meta in zip(names, resolved, metas):
+        for name, d in zip(names, resolved):
             scorer = load(d, batch_size=batch_size, device=device)
-            ev = evaluate_scorer(scorer, datasets, name=name, subset_field=subset_field, strength_field=strength_field,
-                                 sections=sections, n_bins=n_bins, progress=progress)
+            ev = evaluate_scorer(scorer, datasets, name=name, progress=progress, **metrics)
             for ds in datasets:
                 if isinstance(ev.raw.get(ds.name), PairScores):
                     ev.metrics["datasets"][ds.name]["worst_mistakes"] = worst_mistakes(ev.raw[ds.name], ds.items, top=5)
@@ -399,6 +424,14 @@ def evaluate_model(
     finally:
         OVERALL_BAR.remove(overall)
         overall.close()
+    return evals
+
+
+def _result(evals: Sequence[ModelEval], resolved: Sequence[Path], metas: Sequence[dict], datasets: Sequence[EvalDataset],
+            top: int) -> dict[str, Any]:
+    """The content of ``metrics.json`` (before ``seconds``)."""
+    import rewardforge
+
     result: dict[str, Any] = {
         "rewardforge_version": rewardforge.__version__,
         "created": time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -412,13 +445,4 @@ def evaluate_model(
     }
     if len(evals) > 1:
         result["comparison"] = compare_models(evals, datasets, top=top)
-    result["seconds"] = round(time.perf_counter() - t0, 2)
-    result = _json_safe(result)
-    if out_dir is not None:
-        out = Path(out_dir)
-        if report:
-            from rewardforge.eval.report import write_report
-
-            write_report(result, evals, datasets, out)
-        (out / "metrics.json").write_text(json.dumps(result, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
     return result
