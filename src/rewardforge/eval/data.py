@@ -98,73 +98,84 @@ def load_eval_data(
     if not paths:
         raise DataError("no evaluation data given; pass one or more data files")
     files = expand_sources(list(paths))
-    names = unique_names(files, dataset_name)
     out = []
-    for name, path in zip(names, files):
-        rows = iter(read_rows(path, split))
-        head: list[Row] = []  # rows up to the first readable one, which tells the kind of data
-        for row in rows:
-            head.append(row)
-            if not isinstance(row.data, DataError) or len(head) >= 1000:
-                break
+    for name, path in zip(unique_names(files, dataset_name), files):
+        head, rows = _head(iter(read_rows(path, split)))
         first = next((r for r in head if not isinstance(r.data, DataError)), None)
         probe = first.data if first is not None else None
         if isinstance(probe, dict) and field_map:
             probe = {**probe, **{ours: probe[theirs] for ours, theirs in field_map.items() if theirs in probe}}
         ds = EvalDataset(name, path, "empty", [], fmt)
-        if not head:
-            out.append(ds)
-            continue
-        rows = itertools.chain(head, rows)
-        report = ParseReport()
-        if fmt == "best_of_n" or (fmt == "auto" and is_best_of_n(probe)):
-            ds.kind, ds.format = "best_of_n", "best_of_n"
-            for row in rows:
-                report.rows_read += 1
-                if field_map and isinstance(row.data, dict):
-                    row = Row({**{k: v for k, v in row.data.items() if k not in field_map.values()},
-                               **{o: row.data[t] for o, t in field_map.items() if t in row.data}}, row.source, row.index, row.lines)
-                try:
-                    ds.items.append(parse_best_of_n(row))
-                except DataError as e:
-                    if not skip_bad_rows:
-                        raise
-                    report.skip("bad_row", str(e))
-                if limit and len(ds.items) >= limit:
-                    break
-        else:
-            if fmt == "auto" and isinstance(probe, dict):
-                try:
-                    ds.format = detect_format(probe, first.where if first else path)
-                except DataError:
-                    ds.format = "auto"  # parse_rows raises the error with its context
-            kind_rated = ds.format in ("regression", "nemo_regression") or fmt in ("regression", "nemo_regression")
-            if kind_rated and not attributes:
-                raise DataError(
-                    f"{path}: these are rated responses ({ds.format}); they can only be evaluated with a regression "
-                    "model (one with attributes), but this model predicts a single reward. Evaluate preference pairs instead."
-                )
-            parsed = parse_rows(rows, fmt, attributes=list(attributes or []), skip_bad_rows=skip_bad_rows,
-                                field_map=dict(field_map or {}), report=report)
-            seen_groups: dict[str, None] = {}
-            for ex in parsed:
-                if isinstance(ex, PreferencePair):
-                    ds.kind = "pairs"
-                    seen_groups[group_of(ex.extra, subset_field)] = None
-                    if _same(ex.chosen, ex.rejected):
-                        ds.excluded["identical_responses"] = ds.excluded.get("identical_responses", 0) + 1
-                        continue
-                else:
-                    ds.kind = "rated"
-                ds.items.append(ex)
-                if limit and len(ds.items) >= limit:
-                    break
-            ds.all_groups = list(seen_groups)
-        ds.rows_read = report.rows_read
-        ds.skipped = dict(report.skipped)
-        ds.skip_messages = list(report.examples)
+        if head:
+            report = ParseReport()
+            rows = itertools.chain(head, rows)
+            if fmt == "best_of_n" or (fmt == "auto" and is_best_of_n(probe)):
+                _read_best_of_n(ds, rows, report, field_map=field_map, skip_bad_rows=skip_bad_rows, limit=limit)
+            else:
+                _read_parsed(ds, rows, report, first, probe, attributes=attributes, skip_bad_rows=skip_bad_rows,
+                             field_map=field_map, limit=limit, subset_field=subset_field)
+            ds.rows_read, ds.skipped, ds.skip_messages = report.rows_read, dict(report.skipped), list(report.examples)
         out.append(ds)
     return out
+
+
+def _head(rows) -> tuple[list[Row], Any]:
+    """The rows up to the first readable one (which tells the kind of data, at most 1000), and the rest."""
+    head: list[Row] = []
+    for row in rows:
+        head.append(row)
+        if not isinstance(row.data, DataError) or len(head) >= 1000:
+            break
+    return head, rows
+
+
+def _read_best_of_n(ds: EvalDataset, rows, report: ParseReport, *, field_map, skip_bad_rows: bool, limit: int) -> None:
+    ds.kind, ds.format = "best_of_n", "best_of_n"
+    for row in rows:
+        report.rows_read += 1
+        if field_map and isinstance(row.data, dict):
+            row = Row({**{k: v for k, v in row.data.items() if k not in field_map.values()},
+                       **{o: row.data[t] for o, t in field_map.items() if t in row.data}}, row.source, row.index, row.lines)
+        try:
+            ds.items.append(parse_best_of_n(row))
+        except DataError as e:
+            if not skip_bad_rows:
+                raise
+            report.skip("bad_row", str(e))
+        if limit and len(ds.items) >= limit:
+            break
+
+
+def _read_parsed(ds: EvalDataset, rows, report: ParseReport, first, probe, *, attributes, skip_bad_rows: bool,
+                 field_map, limit: int, subset_field) -> None:
+    """Pairs or rated responses, parsed as training parses them; pairs with identical sides excluded and counted."""
+    fmt, path = ds.format, ds.path
+    if fmt == "auto" and isinstance(probe, dict):
+        try:
+            ds.format = detect_format(probe, first.where if first else path)
+        except DataError:
+            ds.format = "auto"  # parse_rows raises the error with its context
+    if (ds.format in ("regression", "nemo_regression") or fmt in ("regression", "nemo_regression")) and not attributes:
+        raise DataError(
+            f"{path}: these are rated responses ({ds.format}); they can only be evaluated with a regression "
+            "model (one with attributes), but this model predicts a single reward. Evaluate preference pairs instead."
+        )
+    parsed = parse_rows(rows, fmt, attributes=list(attributes or []), skip_bad_rows=skip_bad_rows,
+                        field_map=dict(field_map or {}), report=report)
+    seen_groups: dict[str, None] = {}
+    for ex in parsed:
+        if isinstance(ex, PreferencePair):
+            ds.kind = "pairs"
+            seen_groups[group_of(ex.extra, subset_field)] = None
+            if _same(ex.chosen, ex.rejected):
+                ds.excluded["identical_responses"] = ds.excluded.get("identical_responses", 0) + 1
+                continue
+        else:
+            ds.kind = "rated"
+        ds.items.append(ex)
+        if limit and len(ds.items) >= limit:
+            break
+    ds.all_groups = list(seen_groups)
 
 
 def _same(a: Any, b: Any) -> bool:
