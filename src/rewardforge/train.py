@@ -719,18 +719,7 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
             out.rmdir()
         raise
     cfg, acc = run.cfg, run.accelerator  # the run's copy: train.precision resolved
-    lengths = run.train_data.lengths()
-    memory = estimate_memory(run.bare_model(), cfg, int(min(cfg.data.max_length, lengths.max() if len(lengths) else 1)),
-                             shards=acc.num_processes if run.strategy == "fsdp" else 1)
-    if acc.is_main_process:
-        write_config(cfg, out)  # the resolved config (train.precision as this run trains)
-        _print_data(run)
-        print(f"strategy: {run.strategy} on {acc.num_processes} process(es), device {acc.device}, precision {cfg.train.precision} "
-              f"({run.precision_reason})")
-        if progress:
-            print(f"model: {memory['parameters'] / 1e6:.1f}M parameters ({memory['trainable_parameters'] / 1e6:.1f}M trainable); "
-                  f"estimated peak memory per process {memory['total_gib']:.2f} GiB (weights {memory['weights_gib']:.2f}, "
-                  f"grads+AdamW {memory['grads_and_optimizer_gib']:.2f}, activations {memory['activations_gib']:.2f})")
+    memory = _start(run, progress)
     with _stop_on_signals(run):
         timing = train(run, progress=progress)
     final_pred = predict_sharded(run, run.val_data, desc="final validation")  # the final metrics and the export's statistics
@@ -742,12 +731,7 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
         c, r = combine(final_pred["chosen"], run.rtype.weights), combine(final_pred["rejected"], run.rtype.weights)
         verdict = pair_verdict(c, r, [len(x) for x in run.val_data.chosen], [len(x) for x in run.val_data.rejected])
     if acc.is_main_process and progress:
-        print(_format_val(run.state.step, final))
-        if verdict:
-            b = verdict["length_baseline"]
-            print(f"validation accuracy {verdict['accuracy']:.4f} (95% interval {verdict['ci95'][0]:.3f}-{verdict['ci95'][1]:.3f}, "
-                  f"{verdict['pairs']} pairs): {verdict['verdict']}; 'pick the longer response' gets {b['accuracy']:.4f} on "
-                  f"the same pairs (McNemar p {b['mcnemar_p']:.3g})")
+        _print_final(run, final, verdict)
     if cfg.train.save_steps:
         _save(run)
     summary: dict[str, Any] = {
@@ -765,16 +749,7 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
         "memory_estimate": memory,
     }
     if export:
-        path, stats = export_run(run, pred=final_pred)
-        summary["export"] = {"path": str(path), **{k: stats[k] for k in ("reward_mean", "reward_std", "sequences")}}
-        summary["next"] = {
-            "score": f"echo '{{\"prompt\": \"...\", \"response\": \"...\"}}' | rewardforge score {path}",
-            "eval": f"rewardforge eval {path} --data FILE --out {Path(cfg.output_dir) / 'eval'}",
-            "serve": f"rewardforge serve {path} --port 8000",
-        }
-        if acc.is_main_process and progress:
-            print(f"exported {path}; next: rewardforge score {path} | rewardforge eval {path} --data FILE | "
-                  f"rewardforge serve {path}")
+        summary.update(_export_and_next(run, final_pred, progress))
     summary["wall_seconds"] = time.perf_counter() - t0
     summary["train_seconds"] = timing["train_seconds"]
     summary["examples_per_second"] = run.state.examples_seen / max(timing["train_seconds"], 1e-9)
@@ -783,6 +758,47 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
     if run.trackers:
         acc.end_training()
     return summary
+
+
+def _start(run: Run, progress: bool) -> dict[str, Any]:
+    """Write the resolved config.yaml and say what is about to run: data, strategy, precision, model and memory."""
+    cfg, acc = run.cfg, run.accelerator
+    lengths = run.train_data.lengths()
+    memory = estimate_memory(run.bare_model(), cfg, int(min(cfg.data.max_length, lengths.max() if len(lengths) else 1)),
+                             shards=acc.num_processes if run.strategy == "fsdp" else 1)
+    if acc.is_main_process:
+        write_config(cfg, cfg.output_dir)  # the resolved config (train.precision as this run trains)
+        _print_data(run)
+        print(f"strategy: {run.strategy} on {acc.num_processes} process(es), device {acc.device}, precision {cfg.train.precision} "
+              f"({run.precision_reason})")
+        if progress:
+            print(f"model: {memory['parameters'] / 1e6:.1f}M parameters ({memory['trainable_parameters'] / 1e6:.1f}M trainable); "
+                  f"estimated peak memory per process {memory['total_gib']:.2f} GiB (weights {memory['weights_gib']:.2f}, "
+                  f"grads+AdamW {memory['grads_and_optimizer_gib']:.2f}, activations {memory['activations_gib']:.2f})")
+    return memory
+
+
+def _print_final(run: Run, final: dict[str, Any], verdict: dict[str, Any] | None) -> None:
+    print(_format_val(run.state.step, final))
+    if verdict:
+        b = verdict["length_baseline"]
+        print(f"validation accuracy {verdict['accuracy']:.4f} (95% interval {verdict['ci95'][0]:.3f}-{verdict['ci95'][1]:.3f}, "
+              f"{verdict['pairs']} pairs): {verdict['verdict']}; 'pick the longer response' gets {b['accuracy']:.4f} on "
+              f"the same pairs (McNemar p {b['mcnemar_p']:.3g})")
+
+
+def _export_and_next(run: Run, final_pred: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """Export the model; the summary's ``export`` and ``next`` (the commands for this run's model)."""
+    path, stats = export_run(run, pred=final_pred)
+    nxt = {
+        "score": f"echo '{{\"prompt\": \"...\", \"response\": \"...\"}}' | rewardforge score {path}",
+        "eval": f"rewardforge eval {path} --data FILE --out {Path(run.cfg.output_dir) / 'eval'}",
+        "serve": f"rewardforge serve {path} --port 8000",
+    }
+    if run.accelerator.is_main_process and progress:
+        print(f"exported {path}; next: rewardforge score {path} | rewardforge eval {path} --data FILE | "
+              f"rewardforge serve {path}")
+    return {"export": {"path": str(path), **{k: stats[k] for k in ("reward_mean", "reward_std", "sequences")}}, "next": nxt}
 
 
 def _print_data(run: Run) -> None:
