@@ -81,3 +81,14 @@ def test_no_top_level_module_outside_the_layout():
     packages = {p.name for p in ROOT.iterdir() if p.is_dir() and (p / "__init__.py").is_file()}
     assert modules == TOP_LEVEL, f"top-level modules outside the layout: {sorted(modules - TOP_LEVEL)}; missing: {sorted(TOP_LEVEL - modules)}"
     assert packages == WINGS, f"packages outside the layout: {sorted(packages - WINGS)}"
+
+
+def test_lower_wings_do_not_import_upward():
+    """data/, models/ and training/ never import the recipe, the registry, serving, export or evaluation
+    (except eval.metrics, the numpy formulas): ARCHITECTURE.md's rule."""
+    upward = ("rewardforge.train", "rewardforge.registry", "rewardforge.serve", "rewardforge.export", "rewardforge.eval",
+              "rewardforge.scoring", "rewardforge.cli")
+    bad = [f"{m} -> {n}" for m, deps in import_graph().items()
+           if m.split(".")[1:2] and m.split(".")[1] in ("data", "models", "training")
+           for n in deps if any(n == u or n.startswith(u + ".") for u in upward) and n != "rewardforge.eval.metrics"]
+    assert not bad, bad
