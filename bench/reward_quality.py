@@ -120,7 +120,9 @@ def score_models(models: dict[str, dict], val_file: Path, max_length: int) -> di
 
 
 def accuracy(margin: np.ndarray) -> float:
-    return float(((margin > 0).sum() + 0.5 * (margin == 0).sum()) / max(len(margin), 1))
+    from rewardforge.eval.metrics import win_rate
+
+    return float(win_rate(np.asarray(margin))) if len(margin) else 0.0
 
 
 def length_baseline(val_rows: list[dict]) -> np.ndarray:

@@ -594,8 +594,10 @@ def worker_rewardforge(spec: dict) -> dict:
 def _accuracy(chosen, rejected) -> float:
     import numpy as np
 
+    from rewardforge.eval.metrics import win_rate
+
     d = np.asarray(chosen, np.float64) - np.asarray(rejected, np.float64)
-    return float(((d > 0).sum() + 0.5 * (d == 0).sum()) / max(len(d), 1))
+    return float(win_rate(d)) if len(d) else 0.0
 
 
 def worker_eval(spec: dict) -> dict:
