@@ -133,6 +133,18 @@ def write(out_dir: str | Path, n_train: int = 1000, n_validation: int = 200, see
     return paths[0], paths[1]
 
 
+def write_lists(out_dir: str | Path, n_train: int = 300, n_validation: int = 60, seed: int = 0, k: int = 4) -> tuple[Path, Path]:
+    """Write :func:`generate_lists` rows to ``out_dir/train.jsonl`` and ``out_dir/validation.jsonl``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, n, s in (("train", n_train, seed), ("validation", n_validation, seed + 1)):
+        p = out / f"{name}.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in generate_lists(n, s, k)))
+        paths.append(p)
+    return paths[0], paths[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="examples/quickstart")
