@@ -163,6 +163,13 @@ def test_grouped_rated_rows_become_lists_and_bad_groups_are_named():
         list(parse_lists(rows(bad), group_by="id", score_label="s"))
 
 
+def test_list_rows_given_to_a_pair_model_say_to_use_listwise():
+    from rewardforge.data.formats import parse_rows
+
+    with pytest.raises(DataError, match=r"f.jsonl:1: this row is a list of responses .* model.reward_model_type=listwise"):
+        list(parse_rows(rows([{"prompt": "p", "responses": ["a", "b"], "scores": [1, 0]}])))
+
+
 def _cfg(tmp_path, data, *extra, model="x"):
     return load_config(None, [f"model.name_or_path={model}", "model.reward_model_type=listwise", f"data.train=[{data}]",
                               "data.cache_dir=none", f"output_dir={tmp_path / 'o'}", *extra])
@@ -184,6 +191,19 @@ def test_every_dropped_or_truncated_item_is_counted(tiny_model, tmp_path):
                                "duplicate_lists": 1, "identical_after_truncation": 1}
     assert report.truncation["truncated_response"] == 2 and report.rows_read == 5
     assert len(ds) == 2 and ds.sizes().tolist() == [2, 2] and ds.scores.tolist() == [2, 1, 2, 0]
+
+
+def test_tokenized_lists_are_cached_and_read_back_the_same(tiny_model, tmp_path):
+    tok = load_tokenizer(str(tiny_model("bert")))
+    setup_template(tok, "auto")
+    data = write_jsonl(tmp_path / "l.jsonl", generate_lists(6, k=3) + [{"prompt": "q", "responses": ["x"], "scores": [1]}])
+    cfg = load_config(None, ["model.name_or_path=x", "model.reward_model_type=listwise", f"data.train=[{data}]",
+                             f"data.cache_dir={tmp_path / 'cache'}"])
+    a, ra = build_list_dataset(cfg, tok, [str(data)])
+    b, rb = build_list_dataset(cfg, tok, [str(data)])
+    assert not ra.from_cache and rb.from_cache and rb.excluded == ra.excluded == {"lists_under_2_responses": 1}
+    assert a.offsets.tolist() == b.offsets.tolist() and a.scores.tolist() == b.scores.tolist()
+    assert all(np.array_equal(x, y) for x, y in zip(a.ids, b.ids)) and a.prompt_keys == b.prompt_keys
 
 
 def test_list_collator_encodes_each_response_once_with_its_list(tiny_model, tmp_path):

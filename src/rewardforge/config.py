@@ -83,7 +83,7 @@ class LossConfig:
 class TrainConfig:
     epochs: float = _f(1.0, "Number of passes over the training data (ignored when max_steps > 0).")
     max_steps: int = _f(0, "Stop after this many optimizer steps (0: run the epochs).")
-    batch_size: int = _f(8, "Pairs (or rated responses) per micro-batch per process.")
+    batch_size: int = _f(8, "Pairs (or rated responses, or lists for listwise) per micro-batch per process.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
     learning_rate: float = _f(1e-5, "Peak learning rate of AdamW.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -107,7 +107,7 @@ class TrainConfig:
     max_skipped_steps: int = _f(10, "With nonfinite=skip, stop once this many steps have been skipped in the run.")
     strategy: str = _f("auto", "Several processes: ddp (replicate; the default, 'auto') or fsdp (shard weights, gradients and optimizer state; the backbone's transformer block is the wrap unit).")
     fsdp_cpu_offload: bool = _f(False, "With strategy=fsdp: keep sharded weights, gradients and optimizer state in CPU memory.")
-    share_prompt: bool = _f(False, "Pairs only, decoders (last_token pooling) with sdpa/eager attention: compute the tokens chosen and rejected share (the prompt) once per pair, in one packed row with a branch attention mask; same rewards and gradients, fewer tokens computed.")
+    share_prompt: bool = _f(False, "Pairs and lists (listwise), decoders (last_token pooling) with sdpa/eager attention: compute the tokens the responses of a pair (or all K of a list) share (the prompt) once, in one packed row with a branch attention mask; same rewards and gradients, fewer tokens computed.")
 
     @property
     def validation_batch_size(self) -> int:

@@ -194,8 +194,10 @@ class ResolvedType:
     def packed_collator(self, pad_id: int):
         """The ``train.share_prompt`` collator; a kind without one is a config error naming the fix."""
         if self.data.packed_collator is None:
+            can = [k.name for k in _DATA_KINDS.values() if k.packed_collator is not None]
             raise ConfigError(f"train.share_prompt=true is not available for {self.data.name} data "
-                              f"(model.reward_model_type={self.name}, loss {self.loss_name}); set train.share_prompt=false")
+                              f"(model.reward_model_type={self.name}, loss {self.loss_name}); it packs {' and '.join(can)} "
+                              "(a pair loss or a listwise type): set train.share_prompt=false")
         return self.data.packed_collator(pad_id)
 
     def metrics(self, pred: dict) -> dict[str, Any]:
