@@ -132,13 +132,13 @@ def main(argv=None) -> int:
             examples = s["data"]["train_examples"]
             per_example = k if name == "listwise" else 2
             m = evaluate(out / f"{name}-{seed}" / "model", val)
-            rec = {"seed": seed, "steps": s["steps"], "train_examples": examples,
+            rec = {"seed": seed, "steps": s["steps"], "train_examples": examples, "load_average_1min_after": os.getloadavg()[0],
                    "sequences_encoded": int(round(s["examples_seen"] * per_example)),
                    "seconds_per_epoch": s["train_seconds"] / a.epochs, **{x: m[x] for x in
                    ("accuracy", "ci_low", "ci_high", "pairs", "top1", "kendall_tau", "ndcg")}}
             results[name].append(rec)
             print(f"{name:9s} seed {seed}: {rec['steps']} steps, {rec['sequences_encoded']} sequences encoded, "
-                  f"{rec['seconds_per_epoch']:.1f} s/epoch; validation pairwise accuracy {m['accuracy']:.4f} "
+                  f"{rec['seconds_per_epoch']:.1f} s/epoch (load average {rec['load_average_1min_after']:.1f}); validation pairwise accuracy {m['accuracy']:.4f} "
                   f"(95% {m['ci_low']:.3f}-{m['ci_high']:.3f}, {m['pairs']} pairs), top-1 {m['top1']:.3f}, "
                   f"Kendall tau {m['kendall_tau']:.3f}, NDCG {m['ndcg']:.4f}", flush=True)
     lw, ex = results["listwise"], results["expanded"]

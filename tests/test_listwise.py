@@ -370,3 +370,22 @@ def test_topical_chat_rated_rows_group_into_six_response_lists(tiny_model, tmp_p
     first = [r for r in first if r["source"] == first[0]["source"]]
     assert len(first) == 6 and ds.sizes()[0] == 6
     assert ds.scores[:6].tolist() == pytest.approx([r["scores"]["overall"] for r in first])
+
+
+def test_a_listwise_export_is_served_like_any_reward_model(resumed_lists, list_files):
+    import httpx
+    from test_serve import LiveServer
+
+    root, _, _ = resumed_lists
+    scorer = rewardforge.load(root / "a/model", batch_size=4)
+    row = json.loads(list_files[1].read_text().splitlines()[0])
+    items = [{"prompt": row["prompt"], "response": r} for r in row["responses"]]
+    server = LiveServer(scorer)
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as c:
+            r = c.post("/v1/score", json={"items": items})
+    finally:
+        server.stop()
+    assert r.status_code == 200, r.text
+    served = [x["reward"] for x in r.json()["results"]]
+    assert served == pytest.approx(scorer.score([row["prompt"]] * len(row["responses"]), row["responses"]).tolist(), abs=1e-5)

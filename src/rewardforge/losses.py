@@ -190,7 +190,7 @@ def plackett_luce_loss(rewards: torch.Tensor, scores: torch.Tensor, mask: torch.
     Args:
         rewards, scores: ``[B, K]``; mask: ``[B, K]`` bool, True on real responses (see :func:`dense_lists`).
     """
-    y = torch.where(mask, scores.to(rewards.dtype), torch.zeros_like(rewards))
+    y = torch.where(mask, scores, torch.zeros_like(scores))  # compared in their own dtype: a bf16 cast could merge scores
     risk = mask[:, None, :] & mask[:, :, None] & (y[:, None, :] <= y[:, :, None])  # [B, i, j]: j in i's risk set
     # a padding entry's own set is itself, so its (unused) term stays finite and its gradient 0, not nan
     risk = risk | torch.eye(risk.shape[-1], dtype=torch.bool, device=risk.device)
