@@ -2,7 +2,8 @@
 
 Each loss's docstring states the formula; tests check them against hand numbers. An adapter has the
 signature the registry's specs use: ``fn(outputs [rows, N], batch, cfg) -> (loss, stats)``; for pair
-data ``outputs`` holds the chosen rows first, then the rejected rows.
+data ``outputs`` holds the chosen rows first, then the rejected rows; for list data each row's list is
+``batch["list_index"]`` and its score ``batch["scores"]`` (:func:`dense_lists` lays them out ``[lists, K]``).
 """
 
 from __future__ import annotations
