@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", nargs="+", default=[], metavar="FILE", help="data files (.jsonl/.json/.parquet[.gz]), globs or datasets")
     ev.add_argument("--update-card", action="store_true", help="add the evaluation table to each model's README.md (model card)")
     ev.add_argument("--out", default="runs/eval", help="output directory (default: runs/eval)")
-    ev.add_argument("--format", default="auto", help="row format (default: detected per file); also best_of_n")
+    ev.add_argument("--format", default="auto", help="row format (default: detected per file); also best_of_n and lists ({prompt, responses, scores | ranking | best})")
     ev.add_argument("--field-map", action="append", default=[], metavar="OURS=THEIRS[,...]", help="rename columns, e.g. prompt=question")
     ev.add_argument("--subset-field", help="field naming each pair's subset/category (default: subset or category)")
     ev.add_argument("--strength-field", help="numeric preference-strength field (default: margin if present)")

@@ -35,7 +35,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class ModelConfig:
     name_or_path: str = _f("", "Hugging Face model id or local directory of the backbone (decoder or encoder).")
-    reward_model_type: str = _f("binary_ranking", "Registered reward model type: binary_ranking, regression, or one you registered.")
+    reward_model_type: str = _f("binary_ranking", "Registered reward model type: binary_ranking, regression, listwise (K ranked or rated responses per prompt), or one you registered.")
     attributes: list[str] = _f([], "Regression only: names of the predicted attributes, one output each.")
     attribute_weights: list[float] = _f([], "Weights of the attributes in the combined reward (default: the mean of all attributes).")
     pooling: str = _f("auto", "Where the reward is read: last_token (decoders), pooled (encoders' pooled output) or auto.")
@@ -67,20 +67,23 @@ class DataConfig:
     drop_duplicates: bool = _f(True, "Exclude (and count as duplicate_pairs) a pair whose rendered chosen and rejected texts repeat an earlier pair's; false keeps them, each weighted again.")
     cache_dir: str = _f("", "Where tokenized data is cached (default: ~/.cache/rewardforge). 'none' disables the cache.")
     group_by_length: bool = _f(True, "Batch sequences of similar length together so padding stays small.")
+    group_by: str = _f("", "Listwise only: group per-response rated rows (format regression, e.g. Topical-Chat) into one list per value of this field (after data.field_map, e.g. prompt or a dialogue id), scored by the label data.score_label; empty: every row is a list already ({prompt, responses, scores | ranking | best}).")
+    score_label: str = _f("", "Listwise with data.group_by: the label of the rated rows that scores a response within its list (e.g. overall); higher is better, equal values are ties.")
 
 
 @dataclass
 class LossConfig:
-    name: str = _f("auto", "auto (the type's default), bradley_terry (uses a pair's margin when present), margin_bradley_terry (the same), regular_bradley_terry (never the margin), scaled_bradley_terry or mse.")
+    name: str = _f("auto", "auto (the type's default), bradley_terry (uses a pair's margin when present), margin_bradley_terry (the same), regular_bradley_terry (never the margin), scaled_bradley_terry or mse; for model.reward_model_type=listwise: plackett_luce (the default) or listwise_bradley_terry.")
     center_rewards_coef: float = _f(0.0, "Adds coef * mean((r_chosen + r_rejected)^2) to keep rewards centred at 0.")
     use_margin: bool = _f(True, "Use a pair's 'margin' field in margin_bradley_terry / bradley_terry when present.")
+    gap_weight: bool = _f(False, "listwise_bradley_terry only: weight each ordered pair of a list by its score gap (s_i - s_j) instead of 1.")
 
 
 @dataclass
 class TrainConfig:
     epochs: float = _f(1.0, "Number of passes over the training data (ignored when max_steps > 0).")
     max_steps: int = _f(0, "Stop after this many optimizer steps (0: run the epochs).")
-    batch_size: int = _f(8, "Pairs (or rated responses) per micro-batch per process.")
+    batch_size: int = _f(8, "Pairs (or rated responses, or lists for listwise) per micro-batch per process.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
     learning_rate: float = _f(1e-5, "Peak learning rate of AdamW.")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
@@ -104,7 +107,7 @@ class TrainConfig:
     max_skipped_steps: int = _f(10, "With nonfinite=skip, stop once this many steps have been skipped in the run.")
     strategy: str = _f("auto", "Several processes: ddp (replicate; the default, 'auto') or fsdp (shard weights, gradients and optimizer state; the backbone's transformer block is the wrap unit).")
     fsdp_cpu_offload: bool = _f(False, "With strategy=fsdp: keep sharded weights, gradients and optimizer state in CPU memory.")
-    share_prompt: bool = _f(False, "Pairs only, decoders (last_token pooling) with sdpa/eager attention: compute the tokens chosen and rejected share (the prompt) once per pair, in one packed row with a branch attention mask; same rewards and gradients, fewer tokens computed.")
+    share_prompt: bool = _f(False, "Pairs and lists (listwise), decoders (last_token pooling) with sdpa/eager attention: compute the tokens the responses of a pair (or all K of a list) share (the prompt) once, in one packed row with a branch attention mask; same rewards and gradients, fewer tokens computed.")
 
     @property
     def validation_batch_size(self) -> int:
@@ -186,6 +189,12 @@ def validate(cfg: Config) -> None:
     if cfg.train.share_prompt and cfg.model.pooling == "pooled":
         raise ConfigError("train.share_prompt=true needs a decoder backbone (last_token pooling), not model.pooling=pooled; "
                           "set train.share_prompt=false")
+    if cfg.data.group_by and not cfg.data.score_label:
+        raise ConfigError(f"data.group_by={cfg.data.group_by!r} needs data.score_label, the label that scores each response "
+                          "of a group (e.g. data.score_label=overall)")
+    if cfg.data.score_label and not cfg.data.group_by:
+        raise ConfigError("data.score_label is read only when data.group_by groups rated rows into lists; set data.group_by "
+                          "(e.g. data.group_by=prompt) or remove data.score_label")
     if len(set(cfg.model.attributes)) != len(cfg.model.attributes):
         raise ConfigError(f"model.attributes has duplicate names: {cfg.model.attributes}")
 

@@ -2,7 +2,8 @@
 
 Each loss's docstring states the formula; tests check them against hand numbers. An adapter has the
 signature the registry's specs use: ``fn(outputs [rows, N], batch, cfg) -> (loss, stats)``; for pair
-data ``outputs`` holds the chosen rows first, then the rejected rows.
+data ``outputs`` holds the chosen rows first, then the rejected rows; for list data each row's list is
+``batch["list_index"]`` and its score ``batch["scores"]`` (:func:`dense_lists` lays them out ``[lists, K]``).
 """
 
 from __future__ import annotations
@@ -146,3 +147,108 @@ PAIR_LOSSES = {"bradley_terry": bt_loss, "margin_bradley_terry": bt_loss, "regul
                "scaled_bradley_terry": scaled_bt_loss}
 # loss name -> adapter, for rated responses
 RATED_LOSSES = {"mse": mse_loss}
+
+
+# ------------------------------------------------------------------ lists of K responses (listwise)
+
+
+def dense_lists(values: torch.Tensor, list_index: torch.Tensor, *others: torch.Tensor):
+    """Rows ``[R]`` of lists (``list_index [R]``, -1 = a padding row, ignored) -> ``[B, K]`` per list.
+
+    Returns ``(values [B, K], mask [B, K], *others [B, K])`` with each list's rows in their order in
+    the batch; ``K`` is the longest list and ``mask`` marks real entries. Differentiable in ``values``.
+    """
+    keep = list_index >= 0
+    li = list_index[keep]
+    order = torch.argsort(li, stable=True)
+    li = li[order]
+    b = int(li.max()) + 1 if li.numel() else 0
+    counts = torch.bincount(li, minlength=b)
+    pos = torch.arange(li.numel(), device=li.device) - (torch.cumsum(counts, 0) - counts)[li]
+    k = int(counts.max()) if b else 0
+
+    def scatter(x: torch.Tensor, fill: float) -> torch.Tensor:
+        return torch.full((b, k), fill, dtype=x.dtype, device=x.device).index_put((li, pos), x[keep][order])
+
+    mask = torch.zeros(b, k, dtype=torch.bool, device=values.device).index_put((li, pos), torch.ones_like(li, dtype=torch.bool))
+    return (scatter(values, 0.0), mask, *(scatter(o, float("nan")) for o in others))
+
+
+def plackett_luce_loss(rewards: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of each list's ranking under Plackett–Luce, ties by Breslow's rule.
+
+    For a list with rewards ``r_i`` and scores ``y_i`` (higher is better), every response ``i`` is
+    "chosen" against its risk set, itself and every response not above it::
+
+        nll = sum_i [ log sum_{j: y_j <= y_i} exp(r_j) - r_i ]
+
+    ``L = sum_lists nll / sum_lists (K - 1)``: the mean over a list's K - 1 choices, so two responses
+    give exactly Bradley–Terry, ``-log sigmoid(r_best - r_other)``. Ties (Breslow, as in Cox regression):
+    tied responses are not ordered among themselves; each of them meets the whole tie group and
+    everything below it, which approximates the average of the likelihood over the tie-consistent
+    orderings (exact when no score ties; a strictly last response adds ``log exp(r) - r = 0``).
+
+    Args:
+        rewards, scores: ``[B, K]``; mask: ``[B, K]`` bool, True on real responses (see :func:`dense_lists`).
+    """
+    y = torch.where(mask, scores, torch.zeros_like(scores))  # compared in their own dtype: a bf16 cast could merge scores
+    risk = mask[:, None, :] & mask[:, :, None] & (y[:, None, :] <= y[:, :, None])  # [B, i, j]: j in i's risk set
+    # a padding entry's own set is itself, so its (unused) term stays finite and its gradient 0, not nan
+    risk = risk | torch.eye(risk.shape[-1], dtype=torch.bool, device=risk.device)
+    logden = torch.logsumexp(rewards[:, None, :].expand_as(risk).masked_fill(~risk, float("-inf")), dim=-1)
+    nll = torch.where(mask, logden - rewards, torch.zeros_like(rewards)).sum()
+    return nll / (mask.sum() - mask.any(-1).sum()).clamp(min=1)
+
+
+def list_pairs(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, K, K]`` bool: ``(i, j)`` is an ordered pair of a list, ``y_i > y_j``."""
+    return mask[:, :, None] & mask[:, None, :] & (scores[:, :, None] > scores[:, None, :])
+
+
+def listwise_bradley_terry_loss(rewards: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, gap_weight: bool = False) -> torch.Tensor:
+    """Bradley–Terry over every ordered pair of each list (``y_i > y_j``; ties make no pair).
+
+    ``L = sum_(i,j) w_ij * -log sigmoid(r_i - r_j) / sum_(i,j) w_ij`` with ``w_ij = 1`` (the mean over
+    pairs: the same loss as expanding the lists to all their pairs for ``bradley_terry``) or, with
+    ``gap_weight``, ``w_ij = y_i - y_j`` (a pair counts by its score gap; the weighted mean keeps the scale).
+    """
+    pairs = list_pairs(scores, mask)
+    y = scores.to(rewards.dtype)
+    w = torch.where(pairs, (y[:, :, None] - y[:, None, :]) if gap_weight else torch.ones_like(pairs, dtype=rewards.dtype),
+                    torch.zeros((), dtype=rewards.dtype, device=rewards.device))
+    nll = -F.logsigmoid(rewards[:, :, None] - rewards[:, None, :])
+    return (w * nll).sum() / w.sum().clamp(min=torch.finfo(rewards.dtype).tiny)
+
+
+def _list_inputs(outputs: torch.Tensor, batch: dict, cfg: Any):
+    r = combine(outputs, attribute_weights(cfg))
+    rewards, mask, scores = dense_lists(r, batch["list_index"], batch["scores"])
+    return r, rewards, mask, scores
+
+
+def _list_stats(rewards: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    pairs = list_pairs(scores, mask)
+    diff = (rewards[:, :, None] - rewards[:, None, :]).detach()[pairs]
+    return {"accuracy": win_rate(diff), "margin": diff.mean()}
+
+
+def _center(r: torch.Tensor, batch: dict, cfg: Any) -> torch.Tensor | float:
+    coef = cfg.loss.center_rewards_coef
+    return coef * (r[batch["list_index"] >= 0] ** 2).mean() if coef else 0.0
+
+
+def plackett_luce_list_loss(outputs: torch.Tensor, batch: dict, cfg: Any):
+    """Plackett–Luce (Breslow ties) on the lists of a list batch, plus ``center_rewards_coef * mean(r^2)``."""
+    r, rewards, mask, scores = _list_inputs(outputs, batch, cfg)
+    return plackett_luce_loss(rewards, scores, mask) + _center(r, batch, cfg), _list_stats(rewards, scores, mask)
+
+
+def listwise_bt_loss(outputs: torch.Tensor, batch: dict, cfg: Any):
+    """Bradley–Terry over each list's ordered pairs (``loss.gap_weight``), plus ``center_rewards_coef * mean(r^2)``."""
+    r, rewards, mask, scores = _list_inputs(outputs, batch, cfg)
+    loss = listwise_bradley_terry_loss(rewards, scores, mask, cfg.loss.gap_weight)
+    return loss + _center(r, batch, cfg), _list_stats(rewards, scores, mask)
+
+
+# loss name -> adapter, for lists of K ranked or rated responses
+LIST_LOSSES = {"plackett_luce": plackett_luce_list_loss, "listwise_bradley_terry": listwise_bt_loss}

@@ -4,7 +4,8 @@ The training loop only talks to a :class:`ResolvedType`, resolved once in ``setu
 and the config (``spec.resolve(cfg)``), so a new type registers here with
 :func:`register_reward_model_type` without touching the loop. A type whose data is neither
 preference pairs nor rated responses also registers its :class:`DataKind` (collator and validation
-metrics) with :func:`register_data_kind`.
+metrics, and where the defaults do not fit its dataset builder, validation columns and shared-prompt
+collator) with :func:`register_data_kind`; ``listwise`` (lists of K responses) is built that way.
 
 Example:
     >>> spec = get_reward_model_spec("binary_ranking")
@@ -23,7 +24,9 @@ import torch
 from rewardforge.config import Config, ConfigError
 from rewardforge.data.batching import PairCollator, RatedCollator
 from rewardforge.data.datasets import build_dataset
-from rewardforge.losses import PAIR_LOSSES, RATED_LOSSES, attribute_weights, combine, output_names  # noqa: F401 (public)
+from rewardforge.data.lists import ListCollator, build_list_dataset, list_columns
+from rewardforge.data.packing import PackedListCollator, PackedPairCollator
+from rewardforge.losses import LIST_LOSSES, PAIR_LOSSES, RATED_LOSSES, attribute_weights, combine, output_names  # noqa: F401 (public)
 from rewardforge.models.reward_model import RewardModel, build_model
 
 LossFn = Callable[[torch.Tensor, dict, Config], "tuple[torch.Tensor, dict[str, torch.Tensor]]"]
@@ -34,6 +37,7 @@ class RewardModelType(str, enum.Enum):
 
     BINARY_RANKING = "binary_ranking"
     REGRESSION = "regression"
+    LISTWISE = "listwise"
 
 
 # ------------------------------------------------------------------ data kinds
@@ -48,11 +52,21 @@ class DataKind:
         collator: ``fn(pad_id) -> collate`` for the training and validation batches.
         metrics: ``fn(pred, output_names, weights) -> dict``: the validation metrics of the outputs
             that :func:`rewardforge.training.validation.predict` gives for this kind's batches.
+        build: ``fn(cfg, tokenizer, sources) -> (dataset, DataReport)``; None: ``data.datasets.build_dataset``
+            with ``kind=name``.
+        columns: ``fn(outputs, batch) -> {name: tensor}``: what validation keeps of a batch, one entry per
+            example with a unique ``index`` (rows are gathered across processes and sorted by it); None:
+            ``predict``'s pair and rated columns.
+        packed_collator: ``fn(pad_id) -> collate`` of ``train.share_prompt`` (shared-prompt packing for
+            decoders); None: this kind cannot share prompts.
     """
 
     name: str
     collator: Callable[[int], Any]
     metrics: Callable[[dict, list[str], list[float]], dict[str, Any]]
+    build: Callable[[Config, Any, list[str]], Any] | None = None
+    columns: Callable[[torch.Tensor, dict], dict] | None = None
+    packed_collator: Callable[[int], Any] | None = None
 
 
 def _pair_metrics(pred, names, weights):
@@ -67,9 +81,17 @@ def _rated_metrics(pred, names, weights):
     return regression_metrics(pred["pred"], pred["labels"], names) if pred else {"examples": 0}
 
 
+def _list_metrics(pred, names, weights):
+    from rewardforge.training.validation import list_metrics
+
+    return list_metrics(combine(pred["pred"], weights), pred["scores"], pred["list"]) if pred else {"lists": 0}
+
+
 _DATA_KINDS: dict[str, DataKind] = {
-    "pairs": DataKind("pairs", PairCollator, _pair_metrics),
+    "pairs": DataKind("pairs", PairCollator, _pair_metrics, packed_collator=PackedPairCollator),
     "rated": DataKind("rated", RatedCollator, _rated_metrics),
+    "lists": DataKind("lists", ListCollator, _list_metrics, build=build_list_dataset, columns=list_columns,
+                      packed_collator=PackedListCollator),
 }
 
 
@@ -157,6 +179,8 @@ class ResolvedType:
         return self.spec.build_model(cfg, tokenizer)
 
     def build_dataset(self, cfg: Config, tokenizer, sources: list[str]):
+        if self.data.build is not None:
+            return self.data.build(cfg, tokenizer, sources)
         d = cfg.data
         return build_dataset(
             sources, tokenizer, kind=self.data.name, fmt=d.format, max_length=d.max_length, truncation=d.truncation,
@@ -166,6 +190,15 @@ class ResolvedType:
 
     def collator(self, pad_id: int):
         return self.data.collator(pad_id)
+
+    def packed_collator(self, pad_id: int):
+        """The ``train.share_prompt`` collator; a kind without one is a config error naming the fix."""
+        if self.data.packed_collator is None:
+            can = [k.name for k in _DATA_KINDS.values() if k.packed_collator is not None]
+            raise ConfigError(f"train.share_prompt=true is not available for {self.data.name} data "
+                              f"(model.reward_model_type={self.name}, loss {self.loss_name}); it packs {' and '.join(can)} "
+                              "(a pair loss or a listwise type): set train.share_prompt=false")
+        return self.data.packed_collator(pad_id)
 
     def metrics(self, pred: dict) -> dict[str, Any]:
         """Validation metrics of :func:`~rewardforge.training.validation.predict`'s outputs."""
@@ -189,12 +222,29 @@ class _BinarySpec(RewardModelSpec):
             )
 
 
+class _ListwiseSpec(RewardModelSpec):
+    def check(self, cfg: Config) -> None:
+        super().check(cfg)
+        if len(cfg.model.attributes) > 1:
+            raise ConfigError(
+                "model.reward_model_type=listwise predicts one scalar; remove model.attributes (the lists' scores, or "
+                "data.score_label for grouped rated rows, say what is better)"
+            )
+        if cfg.data.format != "auto":
+            raise ConfigError(f"data.format={cfg.data.format!r} is a pair or rated format; model.reward_model_type=listwise "
+                              "reads list rows ({prompt, responses, scores|ranking|best}) or, with data.group_by, rated rows: "
+                              "set data.format=auto")
+
+
 _REGISTRY: dict[str, RewardModelSpec] = {
     RewardModelType.BINARY_RANKING.value: _BinarySpec(
         name="binary_ranking", losses=dict(PAIR_LOSSES), default_loss="bradley_terry"
     ),
     RewardModelType.REGRESSION.value: _RegressionSpec(
         name="regression", losses={**RATED_LOSSES, **PAIR_LOSSES}, default_loss="mse"
+    ),
+    RewardModelType.LISTWISE.value: _ListwiseSpec(
+        name="listwise", losses=dict(LIST_LOSSES), default_loss="plackett_luce", loss_data={n: "lists" for n in LIST_LOSSES}
     ),
 }
 

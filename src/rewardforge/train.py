@@ -48,7 +48,7 @@ from rewardforge.training.validation import pair_verdict, predict
 from rewardforge.export.model_dir import prompt_fingerprint, reward_statistics, write_model_dir
 from rewardforge.training.faults import fault_point
 from rewardforge.models.reward_model import load_tokenizer, set_attention
-from rewardforge.data.packing import PackedPairCollator, check_share_prompt, model_kwargs
+from rewardforge.data.packing import check_share_prompt, model_kwargs
 from rewardforge.training.memory import check_free_space, estimate_memory
 from rewardforge.training.precision import MasterWeights, effective_precision, precision_reason
 from rewardforge.losses import combine
@@ -119,7 +119,8 @@ def predict_sharded(run: "Run", data, desc: str = "validate") -> dict[str, Any]:
     with acc.autocast(), run.compute():
         # The unwrapped module: DDP's forward broadcasts buffers, a collective that processes
         # with fewer validation batches would never join.
-        pred = predict(run.bare_model(), loader, progress=run.progress and acc.is_main_process, desc=desc)
+        pred = predict(run.bare_model(), loader, progress=run.progress and acc.is_main_process, desc=desc,
+                       columns=run.rtype.data.columns)
     if acc.num_processes > 1:
         from accelerate.utils import gather_object
 
@@ -326,8 +327,7 @@ def _setup_model(cfg: Config, rtype: ResolvedType, accelerator):
     model = rtype.build_model(cfg, tokenizer)  # may add a pad token: data is tokenized after this
     set_attention(model, cfg.model.attn_implementation, cfg.train.precision, accelerator.device)
     if cfg.train.share_prompt:
-        if rtype.data.name != "pairs":
-            raise ConfigError("train.share_prompt=true needs a pair loss (preference pairs); set train.share_prompt=false")
+        rtype.packed_collator(tokenizer.pad_token_id)  # a data kind without shared-prompt packing: the error and its fix
         check_share_prompt(model)
     return tokenizer, model, setup_template(tokenizer, cfg.data.template)
 
@@ -336,7 +336,7 @@ def _setup_data(cfg: Config, rtype: ResolvedType, tokenizer, accelerator):
     """Train and validation datasets with their reports, the training batch sampler and the collator."""
     with accelerator.main_process_first():  # the others then read the tokenization cache it wrote
         train_data, val_data, reports = load_data(cfg, rtype, tokenizer)
-    collate = PackedPairCollator(tokenizer.pad_token_id) if cfg.train.share_prompt else rtype.collator(tokenizer.pad_token_id)
+    collate = rtype.packed_collator(tokenizer.pad_token_id) if cfg.train.share_prompt else rtype.collator(tokenizer.pad_token_id)
     sampler = BatchSampler(
         train_data.lengths(), cfg.train.batch_size, shuffle=True, group_by_length=cfg.data.group_by_length, seed=cfg.train.seed
     )
@@ -662,6 +662,10 @@ def evaluate_extra(run: Run) -> dict[str, float]:
 
 
 def _format_val(step: int, m: dict[str, Any]) -> str:
+    if "lists" in m and "accuracy" in m:
+        return (f"step {step}: validation pairwise accuracy {m['accuracy']:.4f} ({m['pairs']} pairs in {m['lists']} lists), "
+                f"top-1 {m['top1']:.4f}, Kendall tau {m['kendall_tau'] if m['kendall_tau'] is not None else float('nan'):.3f}, "
+                f"NDCG {m['ndcg'] if m['ndcg'] is not None else float('nan'):.4f}")
     if "accuracy" in m:
         return f"step {step}: validation accuracy {m['accuracy']:.4f}, loss {m['loss']:.4f}, margin {m['mean_margin']:.3f} ({m['pairs']} pairs)"
     return f"step {step}: validation mse {m.get('mse', float('nan')):.4f}, mae {m.get('mae', float('nan')):.4f}, pearson {m.get('pearson', float('nan')):.3f}"

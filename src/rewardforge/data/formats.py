@@ -99,6 +99,9 @@ def detect_format(record: Any, where: str) -> str:
         return "nemo_regression"
     if "text" in keys:
         return "nemo_comparison"
+    if "responses" in keys and keys & {"scores", "ranking"}:
+        raise DataError(f"{where}: this row is a list of responses with scores or a ranking; train it with "
+                        "model.reward_model_type=listwise (or expand it to pairs)")
     raise DataError(
         f"{where}: cannot tell the data format from the fields {sorted(keys)}; expected prompt/chosen/rejected, "
         "chosen/rejected, text (NeMo comparison), prompt/response/labels or text/label (NeMo regression). "

@@ -88,6 +88,40 @@ def generate(n: int, seed: int = 0) -> list[dict]:
     return pairs
 
 
+# the grade of each kind of response in a generated list (higher is better; refusal and vague tie)
+LIST_GRADES = {"helpful": 3.0, "off_topic": 2.0, "refusal": 1.0, "vague": 1.0, "rude": 0.0}
+
+
+def generate_lists(n: int, seed: int = 0, k: int = 4) -> list[dict]:
+    """``n`` list rows ``{"prompt", "responses", "scores", "kinds"}`` of ``k`` (2..5) responses each: a helpful
+    answer and ``k - 1`` distinct other kinds, shuffled, scored by :data:`LIST_GRADES` (refusal and vague
+    tie at 1: ties are kept as ties). For ``model.reward_model_type=listwise``.
+
+    Example:
+        >>> row = generate_lists(1, k=3)[0]
+        >>> len(row["responses"]), sorted(row["scores"])[-1]
+        (3, 3.0)
+    """
+    if not 2 <= k <= len(LIST_GRADES):
+        raise ValueError(f"k must be in 2..{len(LIST_GRADES)}, got {k}")
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        qi = rng.randrange(len(TOPICS))
+        question, answer = TOPICS[qi]
+        prompt = rng.choice(PREFIXES) + question
+        kinds = ["helpful"] + rng.sample([x for x in LIST_GRADES if x != "helpful"], k - 1)
+        rng.shuffle(kinds)
+        text = {
+            "helpful": rng.choice(OPENERS) + answer + rng.choice(CLOSERS),
+            "off_topic": rng.choice(OPENERS) + rng.choice([t for j, t in enumerate(TOPICS) if j != qi])[1],
+            "refusal": rng.choice(REFUSALS), "vague": rng.choice(VAGUE), "rude": rng.choice(RUDE),
+        }
+        rows.append({"prompt": prompt, "responses": [text[x] for x in kinds], "scores": [LIST_GRADES[x] for x in kinds],
+                     "kinds": kinds})
+    return rows
+
+
 def write(out_dir: str | Path, n_train: int = 1000, n_validation: int = 200, seed: int = 0) -> tuple[Path, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,6 +129,18 @@ def write(out_dir: str | Path, n_train: int = 1000, n_validation: int = 200, see
     for name, n, s in (("train", n_train, seed), ("validation", n_validation, seed + 1)):
         p = out / f"{name}.jsonl"
         p.write_text("".join(json.dumps(r) + "\n" for r in generate(n, s)))
+        paths.append(p)
+    return paths[0], paths[1]
+
+
+def write_lists(out_dir: str | Path, n_train: int = 300, n_validation: int = 60, seed: int = 0, k: int = 4) -> tuple[Path, Path]:
+    """Write :func:`generate_lists` rows to ``out_dir/train.jsonl`` and ``out_dir/validation.jsonl``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, n, s in (("train", n_train, seed), ("validation", n_validation, seed + 1)):
+        p = out / f"{name}.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in generate_lists(n, s, k)))
         paths.append(p)
     return paths[0], paths[1]
 

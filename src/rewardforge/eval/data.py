@@ -21,6 +21,7 @@ from rewardforge.data.formats import (
     parse_best_of_n,
     parse_rows,
 )
+from rewardforge.data.lists import is_list_row, parse_lists
 from rewardforge.data.readers import DataError, Row, expand_sources, read_rows
 from rewardforge.errors import ConfigError
 
@@ -35,7 +36,7 @@ class EvalDataset:
 
     name: str
     path: str
-    kind: str  # "pairs" | "rated" | "best_of_n" | "empty"
+    kind: str  # "pairs" | "rated" | "best_of_n" | "lists" | "empty"
     items: list
     format: str = "auto"
     rows_read: int = 0
@@ -88,7 +89,8 @@ def load_eval_data(
     """Read and parse each data file (glob, directory or hub name) into an :class:`EvalDataset`.
 
     Args:
-        fmt: ``auto`` (detected per file), ``best_of_n`` or any ``data.format`` of the core.
+        fmt: ``auto`` (detected per file), ``best_of_n``, ``lists`` (``{prompt, responses, scores | ranking | best}``)
+            or any ``data.format`` of the core.
         attributes: a regression model's attribute names (needed for rated data only).
         limit: keep at most this many examples per file (0: all).
 
@@ -109,7 +111,10 @@ def load_eval_data(
         if head:
             report = ParseReport()
             rows = itertools.chain(head, rows)
-            if fmt == "best_of_n" or (fmt == "auto" and is_best_of_n(probe)):
+            if fmt == "lists" or (fmt == "auto" and is_list_row(probe) and not is_best_of_n(probe)):
+                # {prompt, responses, scores | ranking} (best-of-N rows keep their own kind unless --format lists)
+                _read_lists(ds, rows, report, field_map=field_map, skip_bad_rows=skip_bad_rows, limit=limit)
+            elif fmt == "best_of_n" or (fmt == "auto" and is_best_of_n(probe)):
                 _read_best_of_n(ds, rows, report, field_map=field_map, skip_bad_rows=skip_bad_rows, limit=limit)
             else:
                 _read_parsed(ds, rows, report, first, probe, attributes=attributes, skip_bad_rows=skip_bad_rows,
@@ -127,6 +132,24 @@ def _head(rows) -> tuple[list[Row], Any]:
         if not isinstance(row.data, DataError) or len(head) >= 1000:
             break
     return head, rows
+
+
+def _read_lists(ds: EvalDataset, rows, report: ParseReport, *, field_map, skip_bad_rows: bool, limit: int) -> None:
+    """Lists of K ranked or rated responses; lists with fewer than 2 responses or every score tied are excluded
+    and counted."""
+    ds.kind, ds.format = "lists", "lists"
+    excluded: dict[str, int] = {}
+    for lst in parse_lists(rows, skip_bad_rows=skip_bad_rows, field_map=dict(field_map or {}), report=report,
+                           excluded=excluded):
+        if len(lst.responses) < 2 or len(set(lst.scores)) < 2:
+            reason = "lists_under_2_responses" if len(lst.responses) < 2 else "lists_all_tied"
+            ds.excluded[reason] = ds.excluded.get(reason, 0) + 1
+            continue
+        ds.items.append(lst)
+        if limit and len(ds.items) >= limit:
+            break
+    for reason, n in excluded.items():  # what parsing left out of the lists, counted as well
+        ds.excluded[reason] = ds.excluded.get(reason, 0) + n
 
 
 def _read_best_of_n(ds: EvalDataset, rows, report: ParseReport, *, field_map, skip_bad_rows: bool, limit: int) -> None:

@@ -397,6 +397,117 @@ def best_of_n_accuracy(rewards: Sequence[Sequence[float]], best: Sequence[int]) 
     }
 
 
+# ------------------------------------------------------------------ lists of K rated responses
+
+
+def list_pair_margins(rewards: Sequence[float], scores: Sequence[float]) -> np.ndarray:
+    """``r_i - r_j`` for every ordered pair ``(i, j)`` of one list, ``y_i > y_j`` (score ties make no pair).
+
+    Example:
+        >>> list_pair_margins([0.5, 2.0, 1.0], [3, 1, 1]).tolist()
+        [-1.5, -0.5]
+    """
+    r, y = np.asarray(rewards, np.float64), np.asarray(scores, np.float64)
+    above = y[:, None] > y[None, :]
+    return (r[:, None] - r[None, :])[above]
+
+
+def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
+    """Kendall's tau-b: ``sum_{i<j} sx_ij sy_ij / sqrt(sum sx_ij^2 * sum sy_ij^2)`` with ``sx_ij = sign(x_i - x_j)``
+    (ties in either side lower the denominator, as ``scipy.stats.kendalltau``); nan when a side is constant.
+
+    Example:
+        >>> kendall_tau([1, 2, 3], [1, 3, 2])
+        0.3333333333333333
+        >>> round(kendall_tau([1, 1, 2], [1, 2, 3]), 4)
+        0.8165
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    iu = np.triu_indices(len(x), 1)
+    sx, sy = np.sign(x[:, None] - x[None, :])[iu], np.sign(y[:, None] - y[None, :])[iu]
+    den = math.sqrt(float((sx * sx).sum() * (sy * sy).sum()))
+    return float((sx * sy).sum() / den) if den > 0 else float("nan")
+
+
+def ndcg(rewards: Sequence[float], scores: Sequence[float]) -> float:
+    """NDCG of the order the rewards give, with gains ``g_i = y_i - min(y)`` (the worst response gains 0).
+
+    ``DCG = sum_i g_i * mean_{p in P_i} 1 / log2(p + 1)`` where ``P_i`` are the 1-based positions the
+    responses tied with ``i`` in reward occupy (the expected DCG over the orders of model ties);
+    ``NDCG = DCG / IDCG``, IDCG the DCG of the responses sorted by score. nan when all scores tie.
+
+    Example:
+        >>> ndcg([0.1, 0.9], [1, 0])   # gains [1, 0]; the model puts the worse first: (1 / log2 3) / 1
+        0.6309297535714575
+        >>> ndcg([0.0, 0.0], [1, 0])   # a model tie: the mean discount of positions 1 and 2
+        0.8154648767857288
+    """
+    r, y = np.asarray(rewards, np.float64), np.asarray(scores, np.float64)
+    if len(y) == 0:
+        return float("nan")
+    g = y - y.min()
+    disc = 1.0 / np.log2(np.arange(2, len(y) + 2))
+    ideal = float((np.sort(g)[::-1] * disc).sum())
+    if ideal == 0:
+        return float("nan")
+    order = np.argsort(-r, kind="stable")
+    rs = r[order]
+    dcg, i = 0.0, 0
+    while i < len(rs):
+        j = i
+        while j + 1 < len(rs) and rs[j + 1] == rs[i]:
+            j += 1
+        dcg += float(g[order[i : j + 1]].sum() * disc[i : j + 1].mean())
+        i = j + 1
+    return dcg / ideal
+
+
+def top1(rewards: Sequence[float], scores: Sequence[float]) -> float:
+    """1 if the highest-reward response has the list's best score; with ``k`` responses tied for the highest
+    reward, the fraction of them that have it (what breaking the tie at random gets on average).
+
+    Example:
+        >>> top1([0.2, 0.9, 0.9], [1, 3, 2])
+        0.5
+    """
+    r, y = np.asarray(rewards, np.float64), np.asarray(scores, np.float64)
+    top = r == r.max()
+    return float((y[top] == y.max()).mean())
+
+
+def ranking_metrics(rewards: Sequence[Sequence[float]], scores: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """Metrics of lists of K responses with true scores (higher is better, ties allowed).
+
+    * ``accuracy``: the :func:`win_rate` of ``r_i - r_j`` over every ordered pair of every list
+      (``y_i > y_j``), pooled; ``pairs`` counts them, ``mean_margin`` is their mean ``r_i - r_j``;
+    * ``top1``: the mean of :func:`top1` over lists, ``random_top1`` what a random pick gets;
+    * ``kendall_tau``: the mean of :func:`kendall_tau` over lists where it is defined (``tau_lists``);
+    * ``ndcg``: the mean of :func:`ndcg` over lists whose scores are not all tied.
+
+    Example:
+        >>> m = ranking_metrics([[0.5, 2.0, 1.0], [1.0, 0.0]], [[3, 1, 1], [1, 0]])
+        >>> m["pairs"], m["accuracy"], m["top1"]
+        (3, 0.3333333333333333, 0.5)
+    """
+    n = len(rewards)
+    if n == 0:
+        return {"lists": 0, "pairs": 0, "accuracy": None, "top1": None, "kendall_tau": None, "ndcg": None}
+    margins = [list_pair_margins(r, y) for r, y in zip(rewards, scores)]
+    d = np.concatenate(margins) if margins else np.zeros(0)
+    taus = [t for t in (kendall_tau(r, y) for r, y in zip(rewards, scores)) if not math.isnan(t)]
+    ndcgs = [v for v in (ndcg(r, y) for r, y in zip(rewards, scores)) if not math.isnan(v)]
+    acc = float(win_rate(d)) if len(d) else None
+    lo, hi = wilson_interval(acc * len(d), len(d)) if acc is not None else (None, None)
+    y_top = [float((np.asarray(y) == np.max(y)).mean()) for y in scores]
+    return {
+        "lists": n, "responses": int(sum(len(r) for r in rewards)), "pairs": int(len(d)), "accuracy": acc,
+        "ci_low": lo, "ci_high": hi, "mean_margin": float(d.mean()) if len(d) else None,
+        "top1": float(np.mean([top1(r, y) for r, y in zip(rewards, scores)])), "random_top1": float(np.mean(y_top)),
+        "kendall_tau": float(np.mean(taus)) if taus else None, "tau_lists": len(taus),
+        "ndcg": float(np.mean(ndcgs)) if ndcgs else None,
+    }
+
+
 # ------------------------------------------------------------------ regression
 
 

@@ -21,6 +21,7 @@ SECTION_TITLES = [
     ("distributions", "Reward distributions"),
     ("strength", "Preference strength"),
     ("best-of-n", "Best-of-N"),
+    ("lists", "Ranked lists"),
     ("regression", "Regression"),
     ("comparison", "Model comparison"),
     ("mistakes", "Most confident mistakes"),
@@ -180,6 +181,16 @@ def format_table(result: dict[str, Any]) -> str:
             f = res[models[0]]["datasets"][d["name"]]
             lines.append(f"{d['name'][:29]:<30}{f['n']:>8}{_num(f['mean_k'], 1):>8}{_pct(f['random_baseline']):>8}"
                          + "".join(f"  {_pct(res[m]['datasets'][d['name']]['top1']):>16}" for m in models))
+    lists = [d for d in result["datasets"] if res[models[0]]["datasets"].get(d["name"], {}).get("kind") == "lists"]
+    if lists:
+        lines += ["", f"{'list dataset':<26}{'model':<18}{'lists':>6}{'pairs':>7}{'pair acc':>9}{'top-1':>7}{'random':>7}"
+                      f"{'tau':>7}{'NDCG':>7}"]
+        for d in lists:
+            for m in models:
+                f = res[m]["datasets"][d["name"]]
+                lines.append(f"{d['name'][:25]:<26}{m[:17]:<18}{f['lists']:>6}{f['pairs']:>7}{_pct(f['accuracy']):>9}"
+                             f"{_pct(f['top1']):>7}{_pct(f.get('random_top1')):>7}{_num(f['kendall_tau'], 3):>7}{_num(f['ndcg'], 3):>7}")
+        lines.append("pair acc: over every ordered pair of a list (score ties make no pair; reward ties count ½)")
     rated = [d for d in result["datasets"] if res[models[0]]["datasets"].get(d["name"], {}).get("kind") == "rated"]
     if rated:
         lines += ["", f"{'rated dataset':<26}{'attribute':<18}{'n':>6}{'MSE':>9}{'MAE':>8}{'Pearson':>9}{'Spearman':>9}"]
@@ -427,6 +438,29 @@ def _bon_section(result) -> str:
     return "\n".join(out)
 
 
+def _lists_section(result) -> str:
+    models = [m["name"] for m in result["models"]]
+    res = result["results"]
+    names = [d["name"] for d in result["datasets"] if res[models[0]]["datasets"].get(d["name"], {}).get("kind") == "lists"]
+    if not names:
+        return ('<p class="na">No ranked lists. Rows <code>{"prompt": ..., "responses": [r0, r1, ...], "scores": [...]}</code> '
+                'or <code>"ranking": [i, ...]</code> are detected automatically.</p>')
+    out = ['<p class="how">Pairwise accuracy over every ordered pair of a list (score ties make no pair, reward ties count ½), '
+           'top-1 (the highest-reward response has the best score; random = what a random pick gets), Kendall tau-b and NDCG '
+           '(gains = score − the list\'s lowest score), each the mean over lists (formulas: <code>rewardforge.eval.metrics</code>).</p>']
+    head = ("<tr><th class=l>dataset</th><th class=l>model</th><th>lists</th><th>pairs</th><th>pairwise accuracy</th><th>95% CI</th>"
+            "<th>top-1</th><th>random</th><th>Kendall tau</th><th>NDCG</th></tr>")
+    body = []
+    for n in names:
+        for m in models:
+            f = res[m]["datasets"][n]
+            body.append(f"<tr><td class=l>{_e(n)}</td><td class=l>{_e(m)}</td><td>{f['lists']}</td><td>{f['pairs']}</td>"
+                        f"<td>{_pct(f['accuracy'])}</td><td class=muted>{_ci(f)}</td><td>{_pct(f['top1'])}</td>"
+                        f"<td>{_pct(f.get('random_top1'))}</td><td>{_num(f['kendall_tau'], 3)}</td><td>{_num(f['ndcg'], 3)}</td></tr>")
+    out.append(f"<table>{head}{''.join(body)}</table>")
+    return "\n".join(out)
+
+
 def _regression_section(result, evals, figs) -> str:
     models = [m["name"] for m in result["models"]]
     res = result["results"]
@@ -578,6 +612,7 @@ def render_html(result: dict[str, Any], evals: Sequence[Any], figs: _Figures) ->
         "distributions": _distributions_section(result, evals, figs),
         "strength": _strength_section(result, evals, figs),
         "best-of-n": _bon_section(result),
+        "lists": _lists_section(result),
         "regression": _regression_section(result, evals, figs),
         "comparison": _comparison_section(result, evals, figs),
         "mistakes": _mistakes_section(result),
@@ -591,6 +626,7 @@ def render_html(result: dict[str, Any], evals: Sequence[Any], figs: _Figures) ->
         "calibration": has_pairs, "length": has_pairs, "distributions": has_pairs, "mistakes": has_pairs,
         "strength": any(v.get("strength") for r in result["results"].values() for v in r["datasets"].values()),
         "best-of-n": "best_of_n" in kinds,
+        "lists": "lists" in kinds,
         "regression": "rated" in kinds,
         "comparison": len(models) > 1,
         "data": True,

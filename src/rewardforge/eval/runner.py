@@ -12,6 +12,9 @@ Data kinds (detected per file from its first row):
 * **best_of_n** — ``{"prompt": ..., "responses": [r_0, ..., r_{K-1}], "best": i}`` (K >= 2; the
   prompt and each response a string or a list of messages, like the explicit format; any other
   field, e.g. ``subset``, is kept): top-1 accuracy.
+* **lists** — ``{"prompt", "responses": [...], "scores": [...]}`` or ``"ranking": [i, ...]`` (best first,
+  nested lists for ties): pairwise accuracy over every ordered pair, top-1, Kendall tau, NDCG
+  (:func:`rewardforge.eval.metrics.ranking_metrics`).
 
 Texts are rendered exactly as in training (the model's own :class:`~rewardforge.data.template.TextRenderer`)
 and scored with :meth:`RewardScorer.score_rendered`, in chunks of similar length so padding stays small.
@@ -39,6 +42,7 @@ from rewardforge.eval.data import NO_SUBSET, EvalDataset, load_eval_data, model_
 from rewardforge.eval.scores import (
     OVERALL_BAR,
     BestOfNScores,
+    ListScores,
     PairScores,
     RatedScores,
     keep_validation_pairs,
@@ -68,6 +72,14 @@ def pair_dataset_metrics(ps: PairScores, all_groups: Sequence[str] = (), n_bins:
         "strength": strength,
         "truncated_sequences": ps.truncated,
     }
+
+
+def list_dataset_metrics(ls: ListScores) -> dict[str, Any]:
+    out = {"kind": "lists", **M.ranking_metrics(ls.rewards, ls.scores), "truncated_sequences": ls.truncated}
+    groups = sorted(set(ls.groups) - {NO_SUBSET})
+    out["subsets"] = {g: M.ranking_metrics([r for r, gg in zip(ls.rewards, ls.groups) if gg == g],
+                                           [s for s, gg in zip(ls.scores, ls.groups) if gg == g]) for g in groups}
+    return out
 
 
 def best_of_n_metrics(bs: BestOfNScores) -> dict[str, Any]:
@@ -173,6 +185,8 @@ def evaluate_scorer(
                 metrics["datasets"][ds.name]["training_overlap"] = training_overlap(res, fingerprint)
         elif isinstance(res, BestOfNScores):
             metrics["datasets"][ds.name] = best_of_n_metrics(res)
+        elif isinstance(res, ListScores):
+            metrics["datasets"][ds.name] = list_dataset_metrics(res)
         elif isinstance(res, RatedScores):
             metrics["datasets"][ds.name] = rated_metrics(res)
     pair_names = [ds.name for ds in datasets if isinstance(raw.get(ds.name), PairScores)]
@@ -237,6 +251,9 @@ def evaluate_pairs_during_training(
                 out[f"{key}/{g}/accuracy"] = s["accuracy"]
         elif m["kind"] == "best_of_n":
             out[f"{key}/top1"], out[f"{key}/prompts"] = m["top1"], m["n"]
+        elif m["kind"] == "lists":
+            for x in ("accuracy", "pairs", "lists", "top1", "kendall_tau", "ndcg"):
+                out[f"{key}/{x}"] = m[x]
         elif m["kind"] == "rated":
             for a, s in m["attributes"].items():
                 out[f"{key}/{a}/mse"], out[f"{key}/{a}/pearson"] = s["mse"], s["pearson"]
@@ -407,7 +424,7 @@ def _score_models(names: Sequence[str], resolved: Sequence[Path], datasets: Sequ
     from rewardforge.scoring import load
 
     per_model = sum(2 * len(ds.items) if ds.kind == "pairs" else sum(len(it.responses) for it in ds.items)
-                    if ds.kind == "best_of_n" else len(ds.items) if ds.kind == "rated" else 0 for ds in datasets)
+                    if ds.kind in ("best_of_n", "lists") else len(ds.items) if ds.kind == "rated" else 0 for ds in datasets)
     overall = tqdm(total=per_model * len(resolved), desc=f"eval ({len(resolved)} model(s), {len(datasets)} file(s))",
                    unit="seq", disable=not progress, dynamic_ncols=True, mininterval=1.0)
     OVERALL_BAR.append(overall)

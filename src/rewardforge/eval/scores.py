@@ -40,6 +40,14 @@ class BestOfNScores:
 
 
 @dataclass
+class ListScores:
+    rewards: list[np.ndarray]
+    scores: list[list[float]]
+    groups: list[str]
+    truncated: int
+
+
+@dataclass
 class RatedScores:
     pred: np.ndarray  # [n, N]
     labels: np.ndarray  # [n, N], nan where missing
@@ -157,6 +165,17 @@ def score_dataset(scorer, ds: EvalDataset, *, subset_field: str | None = None, s
         owner_a = np.asarray(owner)
         rewards = [reward[owner_a == i] for i in range(len(items))]
         return BestOfNScores(rewards, [it.best for it in items], [group_of(it.extra, subset_field) for it in items], trunc), "tokens"
+    if ds.kind == "lists":
+        lists = ds.items
+        texts, starts, owner = [], [], []
+        for i, it in enumerate(lists):
+            for r in it.responses:
+                t, s = render_item(scorer, it.prompt, r, it.where)
+                texts.append(t), starts.append(s), owner.append(i)
+        reward, _, trunc = _score_all(scorer, texts, starts, progress=progress, desc=desc)
+        owner_a = np.asarray(owner)
+        return ListScores([reward[owner_a == i] for i in range(len(lists))], [it.scores for it in lists],
+                          [group_of(it.extra, subset_field) for it in lists], trunc), "tokens"
     if ds.kind == "rated":
         items_r: list[RatedResponse] = ds.items
         attrs = list(items_r[0].labels) if items_r else []

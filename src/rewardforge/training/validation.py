@@ -2,6 +2,8 @@
 
 * pairs: pairwise accuracy (ties count one half), Bradley–Terry loss, mean margin, reward mean/std
 * rated: MSE, MAE and Pearson correlation per attribute (only where the label is present)
+* lists: pairwise accuracy over every ordered pair of a list, top-1, Kendall tau, NDCG
+  (:func:`rewardforge.eval.metrics.ranking_metrics`)
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from rewardforge.eval.metrics import win_rate
 
 
 @torch.no_grad()
-def predict(model, loader, progress: bool = False, desc: str = "validate") -> dict[str, np.ndarray]:
+def predict(model, loader, progress: bool = False, desc: str = "validate", columns=None) -> dict[str, np.ndarray]:
     """Model outputs for every example of ``loader``, in dataset order.
 
     Returns for pair batches ``{"chosen": [n, N], "rejected": [n, N], "index": [n]}`` and for rated
-    batches ``{"pred": [n, N], "labels": [n, N], "index": [n]}``.
+    batches ``{"pred": [n, N], "labels": [n, N], "index": [n]}``; with ``columns`` (a data kind's
+    ``fn(outputs, batch) -> {name: tensor}``, :attr:`rewardforge.registry.DataKind.columns`) what it returns.
     """
     from tqdm.auto import tqdm
 
@@ -31,7 +34,9 @@ def predict(model, loader, progress: bool = False, desc: str = "validate") -> di
     parts: dict[str, list[torch.Tensor]] = {}
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
         out = model(batch["input_ids"], batch["attention_mask"], **model_kwargs(batch))
-        if "margin" in batch:  # pair batch: chosen rows first, then rejected rows
+        if columns is not None:
+            cols = columns(out, batch)
+        elif "margin" in batch:  # pair batch: chosen rows first, then rejected rows
             b = out.shape[0] // 2
             cols = {"chosen": out[:b], "rejected": out[b:], "index": batch["index"]}
         else:
@@ -72,6 +77,31 @@ def pair_metrics(chosen: np.ndarray, rejected: np.ndarray) -> dict[str, float]:
         "chosen_mean": float(chosen.mean()),
         "rejected_mean": float(rejected.mean()),
     }
+
+
+def list_metrics(rewards: np.ndarray, scores: np.ndarray, lists: np.ndarray) -> dict[str, Any]:
+    """:func:`~rewardforge.eval.metrics.ranking_metrics` of rewards ``[R]`` of responses grouped by ``lists [R]``,
+    with ``loss``: the Bradley–Terry loss over the ordered pairs (what ``listwise_bradley_terry`` minimises).
+
+    Example:
+        >>> m = list_metrics(np.array([0.5, 2.0, 1.0, 1.0, 0.0]), np.array([3, 1, 1, 1, 0]), np.array([0, 0, 0, 4, 4]))
+        >>> m["lists"], m["pairs"], round(m["accuracy"], 4)
+        (2, 3, 0.3333)
+    """
+    from rewardforge.eval.metrics import list_pair_margins, ranking_metrics
+
+    rewards, scores, lists = np.asarray(rewards, np.float64), np.asarray(scores, np.float64), np.asarray(lists)
+    if len(rewards) == 0:
+        return {"lists": 0, "pairs": 0}
+    _, start = np.unique(lists, return_index=True)
+    bounds = [*np.sort(start).tolist(), len(lists)]  # rows of a list are contiguous (sorted by dataset row)
+    r = [rewards[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    y = [scores[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    out = ranking_metrics(r, y)
+    d = np.concatenate([list_pair_margins(a, b) for a, b in zip(r, y)])
+    out["loss"] = float(-F.logsigmoid(torch.from_numpy(d)).mean()) if len(d) else float("nan")
+    out["reward_mean"], out["reward_std"] = float(rewards.mean()), float(rewards.std())
+    return out
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
