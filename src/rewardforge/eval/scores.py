@@ -177,10 +177,11 @@ def score_dataset(scorer, ds: EvalDataset, *, subset_field: str | None = None, s
 
 def scorer_from_model(model, tokenizer, *, max_length: int, truncation: str = "prompt_left",
                       attributes: Sequence[str] | None = None, attribute_weights: Sequence[float] | None = None,
-                      batch_size: int = 32, device=None):
+                      batch_size: int = 32, device=None, ensemble_size: int = 1):
     """A :class:`~rewardforge.scoring.RewardScorer` around an in-memory model, leaving its train mode as it was.
 
-    ``tokenizer`` must have the training template installed (``setup_template``).
+    ``tokenizer`` must have the training template installed (``setup_template``); ``ensemble_size``: the model's
+    members (``model.ensemble_size``).
     """
     from rewardforge.losses import default_weights
     from rewardforge.scoring import RewardScorer
@@ -188,6 +189,8 @@ def scorer_from_model(model, tokenizer, *, max_length: int, truncation: str = "p
     attrs = list(attributes or [])
     weights = list(attribute_weights or default_weights(max(len(attrs), 1)))
     meta = {"max_length": max_length, "truncation": truncation, "attributes": attrs, "attribute_weights": weights}
+    if ensemble_size > 1:
+        meta["ensemble"] = {"size": ensemble_size}
     was_training = model.training
     if device is None:
         device = next(model.parameters()).device
