@@ -108,10 +108,10 @@ def main() -> None:
     print("ensemble accuracy by uncertainty quintile (std of the members' margins; Q1 = least uncertain):")
     for b in e["uncertainty_bins"]:
         print(f"  Q{b['bin'] + 1}: std {b['low']:.4f}-{b['high']:.4f}, {b['n']} pairs, accuracy {b['accuracy']:.4f} "
-              f"(95% CI {b['ci95'][0]:.4f}-{b['ci95'][1]:.4f})")
+              f"(95% CI {b['ci_low']:.4f}-{b['ci_high']:.4f})")
     q1, q5 = e["uncertainty_bins"][0], e["uncertainty_bins"][-1]
     print(f"20% most uncertain {q5['accuracy']:.4f} vs 20% least uncertain {q1['accuracy']:.4f}: "
-          f"{'the 95% intervals do not overlap' if q5['ci95'][1] < q1['ci95'][0] else 'the 95% intervals overlap'}")
+          f"{'the 95% intervals do not overlap' if q5['ci_high'] < q1['ci_low'] else 'the 95% intervals overlap'}")
     print(f"AUROC of the std for a wrong pair: {e['auroc_std_wrong']:.4f} ({e['wrong_pairs']} wrong pairs)")
     c = e["calibration"]
     print(f"ECE of P(chosen > rejected): single model {single['ece']:.4f}; ensemble: member_0 {c['member_0']['ece']:.4f}, "

@@ -72,6 +72,11 @@ class RewardScorer:
         self.ensemble_size: int = int((meta.get("ensemble") or {}).get("size", 1))
         if not uncertainty_penalty >= 0:
             raise ValueError(f"uncertainty_penalty must be a number >= 0, got {uncertainty_penalty}")
+        if uncertainty_penalty and self.ensemble_size == 1:
+            from rewardforge.errors import ModelError
+
+            raise ModelError(f"an uncertainty penalty ({uncertainty_penalty}) needs an ensemble, and this model has one "
+                             "member (train with model.ensemble_size=K > 1); drop the penalty")
         self.uncertainty_penalty = float(uncertainty_penalty)
         # what the model reads: the one path from items to ids (rewardforge.data.inputs)
         self.inputs = ModelInputs(tokenizer, self.max_length, self.truncation)

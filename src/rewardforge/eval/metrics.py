@@ -519,7 +519,7 @@ def accuracy_by_uncertainty(margins: Sequence[float], uncertainty: Sequence[floa
 
     The pairs are sorted by uncertainty (stable, so equal uncertainties keep their order) and cut into
     ``n_bins`` consecutive groups whose sizes differ by at most one (``numpy.array_split``). Each bin gives
-    ``n``, the uncertainty range ``[low, high]``, ``accuracy`` and its 95% Wilson interval ``ci95``.
+    ``n``, the uncertainty range ``[low, high]``, ``accuracy`` and its 95% Wilson interval ``[ci_low, ci_high]``.
 
     Example:
         >>> [b["accuracy"] for b in accuracy_by_uncertainty([1, 1, -1, -1], [0.1, 0.2, 0.3, 0.4], n_bins=2)]
@@ -535,7 +535,7 @@ def accuracy_by_uncertainty(margins: Sequence[float], uncertainty: Sequence[floa
         acc = float(win_rate(d[idx]))
         lo, hi = wilson_interval(acc * len(idx), len(idx))
         out.append({"bin": b, "n": int(len(idx)), "low": float(u[idx].min()), "high": float(u[idx].max()),
-                    "accuracy": acc, "ci95": [lo, hi]})
+                    "accuracy": acc, "ci_low": lo, "ci_high": hi})
     return out
 
 
@@ -571,7 +571,8 @@ def ensemble_pair_report(member_margins: Sequence[Sequence[float]], n_bins: int 
     return {
         "pairs": int(len(d)),
         "accuracy": acc,
-        "ci95": [lo, hi],
+        "ci_low": lo,
+        "ci_high": hi,
         "member_accuracy": [float(win_rate(m[:, k])) for k in range(m.shape[1])],
         "std_mean": float(u.mean()),
         "std_median": float(np.median(u)),

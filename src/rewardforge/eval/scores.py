@@ -29,6 +29,8 @@ class PairScores:
     strength_field: str | None
     truncated: int
     prompt_keys: list[str] | None = None  # sha1 of each pair's rendered prompt, as training keys it
+    members_chosen: np.ndarray | None = None  # ensembles: every member's reward [n, K]
+    members_rejected: np.ndarray | None = None
 
 
 @dataclass
@@ -57,8 +59,10 @@ def render_item(scorer, prompt, response, where: str) -> tuple[str, int]:
 OVERALL_BAR: list = []  # the one bar of a whole evaluation (every model, every file), when evaluate_model shows one
 
 
-def _score_all(scorer, texts: list[str], starts: list[int], *, progress: bool, desc: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """Rewards ``[n]`` and outputs ``[n, N]`` of every text; chunks of similar length (little padding)."""
+def _score_all(scorer, texts: list[str], starts: list[int], *, progress: bool, desc: str,
+               members: dict | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Rewards ``[n]`` and outputs ``[n, N]`` of every text; chunks of similar length (little padding).
+    An ensemble's members' rewards ``[n, K]`` go to ``members["members"]`` when a dict is given."""
     from tqdm.auto import tqdm
 
     n = len(texts)
@@ -78,6 +82,8 @@ def _score_all(scorer, texts: list[str], starts: list[int], *, progress: bool, d
             if outputs is None:
                 outputs = np.zeros((n, out.shape[1]), np.float64)
             outputs[idx] = out
+            if members is not None and getattr(sc, "members", None) is not None:
+                members.setdefault("members", np.zeros((n, sc.members.shape[1]), np.float64))[idx] = sc.members
             truncated += int(np.asarray(getattr(sc, "truncated", np.zeros(len(idx), bool))).sum())
             bar.update(len(idx))
             if overall is not None:
@@ -139,13 +145,16 @@ def score_dataset(scorer, ds: EvalDataset, *, subset_field: str | None = None, s
             for p in pairs:
                 t, s = render_item(scorer, p.prompt, getattr(p, side), p.where)
                 texts.append(t), starts.append(s)
-        reward, _, trunc = _score_all(scorer, texts, starts, progress=progress, desc=desc)
+        kept: dict = {}
+        reward, _, trunc = _score_all(scorer, texts, starts, progress=progress, desc=desc, members=kept)
         lengths, unit = response_lengths(scorer, texts, starts)
         n = len(pairs)
         sf = pick_strength_field(pairs, strength_field)
         strength = np.array([strength_of(p, sf) for p in pairs], np.float64) if sf else None
+        m = kept.get("members")
         return PairScores(reward[:n], reward[n:], lengths[:n], lengths[n:], [group_of(p.extra, subset_field) for p in pairs],
-                          strength, sf, trunc, _prompt_keys(scorer, texts[:n], starts[:n])), unit
+                          strength, sf, trunc, _prompt_keys(scorer, texts[:n], starts[:n]),
+                          m[:n] if m is not None else None, m[n:] if m is not None else None), unit
     if ds.kind == "best_of_n":
         items: list[BestOfN] = ds.items
         texts, starts, owner = [], [], []

@@ -11,7 +11,9 @@ infer with NeMo-Aligner's tensor names:
 * outputs ``rewards`` (FP32 ``[B, 1]``: raw or normalized per ``--compat-reward``; with
   ``--v2-rewards per_attribute`` a regression model's ``[B, A]``, one column per attribute, as SteerLM's
   annotation reads it), ``exceeded`` (INT32 ``[B, 1]``: 1 where the input was truncated to max_length);
-  regression models also have ``attributes`` (FP32 ``[B, A]``, in ``rewardforge.json`` order).
+  regression models also have ``attributes`` (FP32 ``[B, A]``, in ``rewardforge.json`` order); ensembles
+  also have ``reward_mean`` and ``reward_std`` (FP32 ``[B, 1]``: the members' mean reward and standard
+  deviation; ``rewards`` is ``mean - --uncertainty-penalty x std``) and ``members`` (FP32 ``[B, K]``).
 
 Tensors may be JSON (``"data"``) or use the binary tensor extension: the body is the JSON header
 (``Inference-Header-Content-Length`` bytes) followed by each binary input in order, BYTES elements
@@ -169,6 +171,9 @@ def add_routes(app: FastAPI, service: ScoringService) -> None:
                     {"name": "exceeded", "datatype": "INT32", "shape": [-1, 1]}]
     if multi:
         outputs_meta.append({"name": "attributes", "datatype": "FP32", "shape": [-1, len(attrs)]})
+    ensemble = service.ensemble_size > 1
+    ensemble_outputs = [("reward_mean", 1), ("reward_std", 1), ("members", service.ensemble_size)] if ensemble else []
+    outputs_meta += [{"name": n, "datatype": "FP32", "shape": [-1, w]} for n, w in ensemble_outputs]
     inputs_meta = [
         {"name": "sentences", "datatype": "BYTES", "shape": [-1, -1]},
         {"name": "tokens", "datatype": "INT64", "shape": [-1, -1]},
@@ -218,6 +223,7 @@ def add_routes(app: FastAPI, service: ScoringService) -> None:
                   {"name": "exceeded", "data_type": "TYPE_INT32", "dims": [1]}]
         if multi:
             output.append({"name": "attributes", "data_type": "TYPE_FP32", "dims": [len(attrs)]})
+        output += [{"name": n, "data_type": "TYPE_FP32", "dims": [w]} for n, w in ensemble_outputs]
         return {
             "name": cfg.model_name,
             "platform": "",
@@ -313,7 +319,7 @@ def add_routes(app: FastAPI, service: ScoringService) -> None:
         else:
             raise _bad("missing input: give 'sentences' (BYTES) or 'tokens' + 'sequence_lengths'")
 
-        output_names = ["rewards", "exceeded", "attributes"] if multi else ["rewards", "exceeded"]
+        output_names = (["rewards", "exceeded", "attributes"] if multi else ["rewards", "exceeded"]) + [n for n, _ in ensemble_outputs]
         requested = head.get("outputs")
         if requested is None:
             wanted = [(k, bool(params.get("binary_data_output", False))) for k in output_names]
@@ -338,6 +344,10 @@ def add_routes(app: FastAPI, service: ScoringService) -> None:
         available = {"rewards": rewards, "exceeded": prepared.truncated.astype(np.int32).reshape(-1, 1)}
         if multi:
             available["attributes"] = s.outputs.astype(np.float32)
+        if ensemble:
+            available["reward_mean"] = s.mean.astype(np.float32).reshape(-1, 1)
+            available["reward_std"] = s.std.astype(np.float32).reshape(-1, 1)
+            available["members"] = s.members.astype(np.float32)
 
         outputs_json, blobs = [], []
         for oname, as_binary in wanted:
