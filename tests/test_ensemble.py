@@ -325,3 +325,35 @@ def test_eval_reports_uncertainty_quintiles_auroc_and_calibration(resume_runs, t
     assert e["accuracy"] == pytest.approx(ds["overall"]["accuracy"])  # the report's reward is the ensemble mean
     html = (tmp_path / "report" / "report.html").read_text()
     assert "Ensemble uncertainty" in html and "AUROC std→wrong" in html
+
+
+def test_any_type_whose_loss_weighs_examples_becomes_an_ensemble():
+    """A registered type (here a weighted hinge, standing in for a new kind such as listwise) gets the wrapper too,
+    also when its spec overrides resolve()."""
+    from rewardforge.losses import takes_example_weight, weighted_mean
+    from rewardforge.registry import RewardModelSpec, register_reward_model_type, resolve_type, unregister_reward_model_type
+
+    @takes_example_weight
+    def hinge(outputs, batch, cfg):
+        b = outputs.shape[0] // 2
+        return weighted_mean((1 - (outputs[:b, 0] - outputs[b:, 0])).clamp(min=0), batch.get("example_weight")), {}
+
+    class OwnResolve(RewardModelSpec):
+        def resolve(self, cfg):
+            from rewardforge.registry import ResolvedType, get_data_kind
+
+            return ResolvedType(self, "hinge", hinge, get_data_kind("pairs"), ["reward"], [1.0])
+
+    register_reward_model_type(OwnResolve("hinge_test", {"hinge": hinge}, "hinge", {"hinge": "pairs"}))
+    try:
+        cfg = load_config(None, ["model.name_or_path=x", "model.reward_model_type=hinge_test", "model.ensemble_size=2"])
+        rt = resolve_type(cfg)
+        assert rt.ensemble_size == 2 and rt.output_names == ["reward"]
+        outputs = torch.tensor([[2.0, 0.0], [0.0, 0.5]])  # 1 pair, 2 members: margins 2 and -0.5
+        loss, _ = rt.loss_fn(outputs, {"index": torch.tensor([0]), "margin": torch.tensor([float("nan")])}, cfg)
+        w = bootstrap_weights(cfg.train.seed, [0], 2)[0]
+        assert loss.item() == pytest.approx((w[0] * 0.0 + w[1] * 1.5) / 2)
+        m = rt.metrics({"chosen": np.array([[2.0, 0.0]]), "rejected": np.array([[0.0, 0.5]]), "index": np.array([0])})
+        assert m["accuracy"] == 1.0 and m["ensemble"]["member_accuracy"] == [1.0, 0.0]  # mean margin 0.75 > 0
+    finally:
+        unregister_reward_model_type("hinge_test")

@@ -271,5 +271,11 @@ def get_reward_model_spec(name: str | RewardModelType) -> RewardModelSpec:
 
 
 def resolve_type(cfg: Config) -> ResolvedType:
-    """``get_reward_model_spec(cfg.model.reward_model_type).resolve(cfg)``."""
-    return get_reward_model_spec(cfg.model.reward_model_type).resolve(cfg)
+    """``get_reward_model_spec(cfg.model.reward_model_type).resolve(cfg)`` (an ensemble when ``model.ensemble_size > 1``,
+    also for a spec whose own ``resolve`` does not call :meth:`RewardModelSpec.resolve`)."""
+    resolved = get_reward_model_spec(cfg.model.reward_model_type).resolve(cfg)
+    if cfg.model.ensemble_size > 1 and resolved.ensemble_size == 1:
+        from rewardforge.ensemble import wrap
+
+        resolved = wrap(resolved, cfg)
+    return resolved
