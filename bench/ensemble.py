@@ -4,9 +4,13 @@
     python bench/ensemble.py                                   # configs/hh_minilm.yaml vs hh_minilm_ensemble.yaml
     python bench/ensemble.py --max-steps 150                   # a reduced budget (say so when you quote it)
     python bench/ensemble.py --json runs/bench_ensemble.json
+    python bench/ensemble.py --interleaved 12                  # only the time ratio, steps alternating
 
 Both runs train in this process one after the other (single first), with the same data, validation split,
 seed, batch size, learning-rate schedule and steps; only ``model.ensemble_size`` (and the bootstrap) differ.
+``--interleaved N`` measures only the time ratio, less exposed to other load on a shared machine: both models
+are set up, then their training steps alternate (single, ensemble, single, ...) on the same batches, N each,
+and the ratio of the median step times (after 2 warm-up steps each) is printed.
 In-loop validation and checkpoints are turned off in both (``train.eval_steps=0 train.save_steps=0``) so the
 time ratio is that of training steps; the final validation runs after the timed loop. "train time" is the
 loop's ``train_seconds`` (summary.json). On a shared machine the ratio moves with the other load: run it
@@ -24,7 +28,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +59,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "runs/bench_ensemble"), help="where both runs write")
     p.add_argument("--json", default="", help="also write the figures here")
     p.add_argument("--override", action="append", default=[], help="extra section.key=value for both runs")
+    p.add_argument("--interleaved", type=int, default=0, help="only time N alternating steps of each model")
     args = p.parse_args()
 
     import torch
@@ -73,6 +77,8 @@ def main() -> None:
     common = ["train.eval_steps=0", "train.save_steps=0", *args.override]
     if args.max_steps:
         common.append(f"train.max_steps={args.max_steps}")
+    if args.interleaved:
+        return interleaved(args, common)
     results = {}
     for name, path in (("single", args.single), ("ensemble", args.ensemble)):
         cfg = load_config(path, [*common, f"output_dir={Path(args.out) / name}"])
@@ -120,6 +126,29 @@ def main() -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"cpu": flags, "max_steps": args.max_steps, "ratio": ratio, **results},
                                               indent=2, default=str) + "\n")
+
+
+def interleaved(args, common: list[str]) -> None:
+    import numpy as np
+
+    from rewardforge.config import load_config
+    from rewardforge.data.datasets import show_progress
+    from rewardforge.train import setup, train
+
+    runs = {}
+    for name, path in (("single", args.single), ("ensemble", args.ensemble)):
+        cfg = load_config(path, [*common, f"train.max_steps={args.interleaved}", f"output_dir={Path(args.out) / ('t-' + name)}"])
+        with show_progress(False):
+            runs[name] = setup(cfg)
+    times: dict[str, list[float]] = {n: [] for n in runs}
+    for _ in range(args.interleaved):
+        for name, run in runs.items():
+            run.total_steps = run.state.step + 1  # train() runs to total_steps: one more step
+            times[name].append(train(run, progress=False)["train_seconds"])
+    med = {n: float(np.median(t[2:] if len(t) > 2 else t)) for n, t in times.items()}
+    for n, t in times.items():
+        print(f"{n}: step seconds {', '.join(f'{x:.2f}' for x in t)}; median after warm-up {med[n]:.3f}")
+    print(f"interleaved step-time ratio ensemble / single: {med['ensemble'] / med['single']:.3f} (goal <= 1.2)")
 
 
 if __name__ == "__main__":

@@ -256,6 +256,9 @@ def test_score_cli_gives_mean_std_members_and_the_penalty(resume_runs, tmp_path,
 def test_a_penalty_on_a_single_model_is_a_one_line_error(tiny_model, pairs_file, tmp_path, capsys):
     run_training(load_config(None, _args(tiny_model("gpt2"), pairs_file, tmp_path / "o", "train.max_steps=1",
                                          "model.ensemble_size=1")), progress=False)
+    assert "ensemble" not in json.loads((tmp_path / "o/model/rewardforge.json").read_text())  # size 1: today's model
+    d = rewardforge.load(tmp_path / "o/model").score_texts(["hello"])
+    assert d.shape == (1,) and rewardforge.load(tmp_path / "o/model").score_items([{"text": "hello"}]).members is None
     inp = write_jsonl(tmp_path / "in.jsonl", [{"text": "hello"}])
     capsys.readouterr()
     assert cli_main(["score", str(tmp_path / "o/model"), "--input", str(inp), "--uncertainty-penalty", "1"]) == 2
