@@ -60,6 +60,8 @@ def main() -> None:
     p.add_argument("--json", default="", help="also write the figures here")
     p.add_argument("--override", action="append", default=[], help="extra section.key=value for both runs")
     p.add_argument("--interleaved", type=int, default=0, help="only time N alternating steps of each model")
+    p.add_argument("--only", choices=("single", "ensemble"), help="train only this one (e.g. an ensemble variant "
+                   "with --override model.ensemble_init=shared against a single run measured before)")
     args = p.parse_args()
 
     import torch
@@ -81,6 +83,8 @@ def main() -> None:
         return interleaved(args, common)
     results = {}
     for name, path in (("single", args.single), ("ensemble", args.ensemble)):
+        if args.only and name != args.only:
+            continue
         cfg = load_config(path, [*common, f"output_dir={Path(args.out) / name}"])
         with show_progress(False):
             run = setup(cfg)
@@ -99,6 +103,11 @@ def main() -> None:
         print(f"{name}: K={k}, {r['steps']} steps, train {seconds:.1f} s; validation accuracy {ci(r)}", flush=True)
         del run
 
+    if args.only == "ensemble":
+        report_uncertainty(results["ensemble"]["ensemble"])
+        return
+    if args.only:
+        return
     single, ens = results["single"], results["ensemble"]
     ratio = ens["train_seconds"] / single["train_seconds"]
     e = ens["ensemble"]
@@ -111,6 +120,14 @@ def main() -> None:
     print(f"members' accuracy: {', '.join(f'{a:.4f}' for a in e['member_accuracy'])}")
     print(f"train time: single {single['train_seconds']:.1f} s, ensemble {ens['train_seconds']:.1f} s, "
           f"ratio {ratio:.3f} (goal <= 1.2)")
+    report_uncertainty(e, single["ece"])
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"cpu": flags, "max_steps": args.max_steps, "ratio": ratio, **results},
+                                              indent=2, default=str) + "\n")
+
+
+def report_uncertainty(e: dict, single_ece: float | None = None) -> None:
     print("ensemble accuracy by uncertainty quintile (std of the members' margins; Q1 = least uncertain):")
     for b in e["uncertainty_bins"]:
         print(f"  Q{b['bin'] + 1}: std {b['low']:.4f}-{b['high']:.4f}, {b['n']} pairs, accuracy {b['accuracy']:.4f} "
@@ -120,12 +137,9 @@ def main() -> None:
           f"{'the 95% intervals do not overlap' if q5['ci_high'] < q1['ci_low'] else 'the 95% intervals overlap'}")
     print(f"AUROC of the std for a wrong pair: {e['auroc_std_wrong']:.4f} ({e['wrong_pairs']} wrong pairs)")
     c = e["calibration"]
-    print(f"ECE of P(chosen > rejected): single model {single['ece']:.4f}; ensemble: member_0 {c['member_0']['ece']:.4f}, "
-          f"mean reward {c['mean_reward']['ece']:.4f}, members' mean probability {c['ensemble']['ece']:.4f}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"cpu": flags, "max_steps": args.max_steps, "ratio": ratio, **results},
-                                              indent=2, default=str) + "\n")
+    print(f"ECE of P(chosen > rejected): single model {'n/a' if single_ece is None else f'{single_ece:.4f}'}; ensemble: "
+          f"member_0 {c['member_0']['ece']:.4f}, mean reward {c['mean_reward']['ece']:.4f}, members' mean probability "
+          f"{c['ensemble']['ece']:.4f}")
 
 
 def interleaved(args, common: list[str]) -> None:

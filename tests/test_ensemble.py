@@ -360,3 +360,17 @@ def test_any_type_whose_loss_weighs_examples_becomes_an_ensemble():
         assert m["accuracy"] == 1.0 and m["ensemble"]["member_accuracy"] == [1.0, 0.0]  # mean margin 0.75 > 0
     finally:
         unregister_reward_model_type("hinge_test")
+
+
+def test_shared_init_starts_every_head_from_the_same_weights(tiny_model):
+    from rewardforge.models.reward_model import load_tokenizer
+    from rewardforge.registry import resolve_type
+
+    path = tiny_model("gpt2")
+    for init, same in (("shared", True), ("independent", False)):
+        cfg = load_config(None, [f"model.name_or_path={path}", "model.ensemble_size=3", f"model.ensemble_init={init}"])
+        w = resolve_type(cfg).build_model(cfg, load_tokenizer(str(path))).head().weight
+        assert w.shape[0] == 3 and torch.equal(w[0], w[2]) == same and torch.equal(w[1], w[2]) == same
+    with pytest.raises(ConfigError, match="trains K identical heads; choose one"):
+        load_config(None, ["model.name_or_path=x", "model.ensemble_size=2", "model.ensemble_init=shared",
+                           "model.ensemble_bootstrap=none"])

@@ -74,6 +74,18 @@ def member_rewards(outputs, weights: Sequence[float], size: int):
     return combine(member_outputs(outputs, size), weights)
 
 
+@torch.no_grad()
+def share_head_init(model, size: int) -> None:
+    """``model.ensemble_init=shared``: every member's head rows start as member 0's (``head()`` is the linear
+    head of ``size * N`` outputs, member-major)."""
+    head = model.head()
+    head = getattr(head, "modules_to_save", {}).get("default", head) if hasattr(head, "modules_to_save") else head
+    for p in (head.weight, head.bias):
+        if p is not None:
+            rows = member_outputs(p.T if p.ndim == 2 else p, size)  # [.., K, N] view
+            rows.copy_(rows[..., :1, :].expand_as(rows).clone())
+
+
 # ------------------------------------------------------------------ bootstrap
 
 

@@ -149,10 +149,13 @@ class RewardModelSpec:
 
 
 def _build_default(cfg: Config, tokenizer) -> RewardModel:
-    from rewardforge.ensemble import model_labels
+    from rewardforge.ensemble import model_labels, share_head_init
 
     labels = model_labels(cfg)
-    return build_model(cfg.model, tokenizer, len(labels), labels)
+    model = build_model(cfg.model, tokenizer, len(labels), labels)
+    if cfg.model.ensemble_size > 1 and cfg.model.ensemble_init == "shared":
+        share_head_init(model, cfg.model.ensemble_size)
+    return model
 
 
 @dataclass(frozen=True)
