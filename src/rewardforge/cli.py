@@ -139,7 +139,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.output:  # before loading and scoring: a path that cannot be written fails first
         _check_writable_dir(args.output, "--output")
         open(args.output, "a", encoding="utf-8").close()
-    scorer = rewardforge.load(args.model_dir, batch_size=args.batch_size, device=args.device)
+    scorer = rewardforge.load(args.model_dir, batch_size=args.batch_size, device=args.device,
+                              uncertainty_penalty=args.uncertainty_penalty)
     name = args.input or "<stdin>"
     if args.input:
         with open(args.input, "rb") as fh:
@@ -179,6 +180,9 @@ def cmd_score(args: argparse.Namespace) -> int:
             rec = {**obj, "reward": float(scores.reward[i]), "reward_normalized": float(scores.normalized[i])}
             if len(scorer.attributes) > 1:
                 rec["attributes"] = {a: float(v) for a, v in zip(scorer.attributes, scores.outputs[i])}
+            if scores.members is not None:  # an ensemble: reward = reward_mean - --uncertainty-penalty x reward_std
+                rec["reward_mean"], rec["reward_std"] = float(scores.mean[i]), float(scores.std[i])
+                rec["members"] = [float(v) for v in scores.members[i]]
             if scores.truncated[i]:
                 rec["truncated"] = True
             if args.return_text and scores.texts[i] is not None:
@@ -248,6 +252,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -304,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--return-tokens", action="store_true", help="add the exact token ids the model read")
     s.add_argument("--batch-size", type=_positive_int, default=16, help="sequences per forward pass")
     s.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    s.add_argument("--uncertainty-penalty", type=_nonnegative_float, default=0.0, metavar="LAMBDA",
+                   help="ensembles: reward = reward_mean - LAMBDA x reward_std, as `rewardforge serve "
+                        "--uncertainty-penalty` (default 0: the members' mean)")
     s.set_defaults(func=cmd_score)
 
     from rewardforge.serve.config import add_serve_arguments

@@ -50,6 +50,9 @@ class ModelConfig:
     attn_implementation: str = _f("auto", "Attention kernel for training: auto (for train.precision=bf16_master on CPU, where PyTorch's flash-attention backward in bf16 is slower than eager math: rf_eager, rewardforge's eager in fewer passes, for BERT/RoBERTa/ELECTRA/Llama/Mistral/Qwen2/Qwen3, else eager; otherwise transformers' default, sdpa), rf_eager, eager, sdpa, flash_attention_2, ... The export does not keep it.")
     sparse_last_layer: bool = _f(True, "Compute the last transformer layer only at the tokens the reward reads ([CLS] of an encoder, the last real token of a decoder); its keys and values still see every token, so rewards and gradients are the same to float rounding. Known families: BERT/RoBERTa/ELECTRA, Llama/Mistral/Qwen2/Qwen3; others run the full layer. false computes it at every position.")
     trust_remote_code: bool = _f(False, "Allow model code shipped with the checkpoint to run.")
+    ensemble_size: int = _f(1, "K reward heads on the one shared backbone (1 = a single model). Each head is trained on its own bootstrap weighting of the examples (model.ensemble_bootstrap); the reward is the mean of the K members, and their standard deviation (the ensemble's disagreement) is served and evaluated as the reward's uncertainty. Exported with num_labels = K x outputs (id2label member_k, or member_k/ATTRIBUTE for regression) and a one-output reward/ folder holding the mean head.")
+    ensemble_init: str = _f("independent", "How the ensemble's heads start: independent (each head its own random initialisation, as separately trained models would) or shared (every head starts from the same weights, so the members differ only by their bootstrap weighting; needs model.ensemble_bootstrap=poisson).")
+    ensemble_bootstrap: str = _f("poisson", "How each ensemble head weighs the examples: poisson (an independent Poisson(1) weight per example and head, from train.seed and the example's index, so runs and resumes are exact) or none (every head sees every example with weight 1; heads differ by their initialisation only).")
 
 
 @dataclass
@@ -141,6 +144,8 @@ TRACKERS = ("tensorboard", "wandb", "mlflow", "none")
 
 _CHOICES = {
     ("model", "pooling"): ("auto", "last_token", "pooled"),
+    ("model", "ensemble_bootstrap"): ("poisson", "none"),
+    ("model", "ensemble_init"): ("independent", "shared"),
     ("data", "truncation"): ("prompt_left", "response_right"),
     ("train", "lr_scheduler"): ("cosine", "linear", "constant"),
     ("train", "precision"): ("auto", "fp32", "bf16", "bf16_master"),
@@ -195,6 +200,11 @@ def validate(cfg: Config) -> None:
     if cfg.data.score_label and not cfg.data.group_by:
         raise ConfigError("data.score_label is read only when data.group_by groups rated rows into lists; set data.group_by "
                           "(e.g. data.group_by=prompt) or remove data.score_label")
+    if cfg.model.ensemble_size < 1:
+        raise ConfigError(f"model.ensemble_size must be >= 1 (1 = a single model), got {cfg.model.ensemble_size}")
+    if cfg.model.ensemble_size > 1 and cfg.model.ensemble_init == "shared" and cfg.model.ensemble_bootstrap == "none":
+        raise ConfigError("model.ensemble_init=shared with model.ensemble_bootstrap=none trains K identical heads; "
+                          "choose one: set model.ensemble_bootstrap=poisson or model.ensemble_init=independent")
     if len(set(cfg.model.attributes)) != len(cfg.model.attributes):
         raise ConfigError(f"model.attributes has duplicate names: {cfg.model.attributes}")
 

@@ -7,6 +7,12 @@ preference pairs nor rated responses also registers its :class:`DataKind` (colla
 metrics, and where the defaults do not fit its dataset builder, validation columns and shared-prompt
 collator) with :func:`register_data_kind`; ``listwise`` (lists of K responses) is built that way.
 
+``model.ensemble_size=K > 1`` makes ``resolve()`` wrap the type's ResolvedType into an ensemble
+(:func:`rewardforge.ensemble.wrap`): K heads on one backbone, each trained on its own bootstrap weighting
+through the base loss's per-example weights. Any type whose losses are marked
+:func:`~rewardforge.losses.takes_example_weight` and whose model builder gives
+``K * len(output_names)`` outputs (the default builder does) can be trained as an ensemble.
+
 Example:
     >>> spec = get_reward_model_spec("binary_ranking")
     >>> spec.default_loss
@@ -123,16 +129,15 @@ class RewardModelSpec:
         default_loss: the loss used when ``loss.name=auto``.
         loss_data: loss name -> the data kind it trains on; a loss not named here trains on
             ``pairs`` if it is a pair loss of :data:`rewardforge.losses.PAIR_LOSSES`, else on ``rated``.
-        build_model: ``fn(cfg, tokenizer) -> RewardModel``.
+        build_model: ``fn(cfg, tokenizer) -> RewardModel`` with ``model.ensemble_size * len(output_names)``
+            outputs, labelled :func:`rewardforge.ensemble.model_labels` (the default builder does that).
     """
 
     name: str
     losses: dict[str, LossFn]
     default_loss: str
     loss_data: dict[str, str] = field(default_factory=dict)
-    build_model: Callable[[Config, Any], RewardModel] = field(
-        default=lambda cfg, tok: build_model(cfg.model, tok, len(output_names(cfg)), output_names(cfg))
-    )
+    build_model: Callable[[Config, Any], RewardModel] = field(default=lambda cfg, tok: _build_default(cfg, tok))
 
     def loss_name(self, cfg: Config) -> str:
         name = self.default_loss if cfg.loss.name == "auto" else cfg.loss.name
@@ -156,8 +161,23 @@ class RewardModelSpec:
         """The checked spec with everything the loop derives from the config, computed once."""
         self.check(cfg)
         name = self.loss_name(cfg)
-        return ResolvedType(self, name, self.losses[name], get_data_kind(self.data_kind(cfg)), output_names(cfg),
-                            attribute_weights(cfg))
+        resolved = ResolvedType(self, name, self.losses[name], get_data_kind(self.data_kind(cfg)), output_names(cfg),
+                                attribute_weights(cfg))
+        if cfg.model.ensemble_size > 1:
+            from rewardforge.ensemble import wrap
+
+            resolved = wrap(resolved, cfg)
+        return resolved
+
+
+def _build_default(cfg: Config, tokenizer) -> RewardModel:
+    from rewardforge.ensemble import model_labels, share_head_init
+
+    labels = model_labels(cfg)
+    model = build_model(cfg.model, tokenizer, len(labels), labels)
+    if cfg.model.ensemble_size > 1 and cfg.model.ensemble_init == "shared":
+        share_head_init(model, cfg.model.ensemble_size)
+    return model
 
 
 @dataclass(frozen=True)
@@ -170,13 +190,24 @@ class ResolvedType:
     data: DataKind
     output_names: list[str]
     weights: list[float]
+    ensemble_size: int = 1  # K heads (model.ensemble_size); the model has ensemble_size * len(output_names) outputs
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     def build_model(self, cfg: Config, tokenizer) -> RewardModel:
-        return self.spec.build_model(cfg, tokenizer)
+        model = self.spec.build_model(cfg, tokenizer)
+        want = self.ensemble_size * len(self.output_names)
+        if self.ensemble_size > 1 and model.num_outputs != want:
+            from rewardforge.errors import ModelError
+
+            raise ModelError(
+                f"the model builder of model.reward_model_type={self.name!r} gave {model.num_outputs} outputs, but "
+                f"model.ensemble_size={self.ensemble_size} x {len(self.output_names)} outputs needs {want}; build "
+                "len(rewardforge.ensemble.model_labels(cfg)) outputs, or set model.ensemble_size=1"
+            )
+        return model
 
     def build_dataset(self, cfg: Config, tokenizer, sources: list[str]):
         if self.data.build is not None:
@@ -187,6 +218,20 @@ class ResolvedType:
             attributes=list(cfg.model.attributes), skip_bad_rows=d.skip_bad_rows, field_map=dict(d.field_map),
             split=d.split, cache_dir=d.cache_dir or None, drop_duplicates=d.drop_duplicates,
         )
+
+    def mean_predictions(self, pred: dict) -> dict:
+        """``predict()``'s outputs with an ensemble's members averaged (``[n, K * N]`` -> ``[n, N]``)."""
+        from rewardforge.ensemble import reduce_predictions
+
+        return reduce_predictions(pred, self.ensemble_size, len(self.output_names))
+
+    def ensemble_metadata(self, cfg: Config) -> dict[str, Any] | None:
+        """The ``ensemble`` record of ``rewardforge.json`` (None for a single model)."""
+        if self.ensemble_size == 1:
+            return None
+        from rewardforge.ensemble import metadata
+
+        return metadata(self.ensemble_size, self.output_names, cfg.model.ensemble_bootstrap)
 
     def collator(self, pad_id: int):
         return self.data.collator(pad_id)
@@ -279,5 +324,11 @@ def get_reward_model_spec(name: str | RewardModelType) -> RewardModelSpec:
 
 
 def resolve_type(cfg: Config) -> ResolvedType:
-    """``get_reward_model_spec(cfg.model.reward_model_type).resolve(cfg)``."""
-    return get_reward_model_spec(cfg.model.reward_model_type).resolve(cfg)
+    """``get_reward_model_spec(cfg.model.reward_model_type).resolve(cfg)`` (an ensemble when ``model.ensemble_size > 1``,
+    also for a spec whose own ``resolve`` does not call :meth:`RewardModelSpec.resolve`)."""
+    resolved = get_reward_model_spec(cfg.model.reward_model_type).resolve(cfg)
+    if cfg.model.ensemble_size > 1 and resolved.ensemble_size == 1:
+        from rewardforge.ensemble import wrap
+
+        resolved = wrap(resolved, cfg)
+    return resolved

@@ -28,9 +28,11 @@ class Scores:
     """Scores of n inputs, in input order.
 
     Attributes:
-        reward: combined raw reward ``[n]``.
+        reward: combined raw reward ``[n]``; of an ensemble, the members' mean minus the scorer's
+            ``uncertainty_penalty`` times their standard deviation (:func:`rewardforge.ensemble.summarize`).
         normalized: ``(reward - mean) / std`` with the statistics stored at export ``[n]``.
-        outputs: every model output ``[n, N]`` (one per attribute for regression models).
+        outputs: every model output ``[n, N]`` (one per attribute for regression models); of an ensemble, the
+            members' mean of each output.
         num_tokens: tokens fed to the model per input ``[n]``.
         truncated: whether each input was truncated to ``max_length`` ``[n]``.
         texts: the text the model read (rendered with the template; for truncated inputs only the part kept,
@@ -45,12 +47,16 @@ class Scores:
     truncated: np.ndarray
     texts: list[str]
     ids: list[np.ndarray] | None = None
+    mean: np.ndarray | None = None  # ensembles: the members' mean reward [n] (reward without the penalty)
+    std: np.ndarray | None = None  # ensembles: the members' standard deviation [n] (ddof=0)
+    members: np.ndarray | None = None  # ensembles: every member's combined reward [n, K]
 
 
 class RewardScorer:
     """Batched scoring with an exported reward model (see :func:`load`)."""
 
-    def __init__(self, model: RewardModel, tokenizer, meta: dict[str, Any], *, device: str | torch.device = "cpu", batch_size: int = 16):
+    def __init__(self, model: RewardModel, tokenizer, meta: dict[str, Any], *, device: str | torch.device = "cpu", batch_size: int = 16,
+                 uncertainty_penalty: float = 0.0):
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self.meta = meta
@@ -62,6 +68,16 @@ class RewardScorer:
         self.weights = np.asarray(meta.get("attribute_weights") or [1.0], np.float64)
         self.max_length: int = int(meta["max_length"])
         self.truncation: str = meta.get("truncation", "prompt_left")
+        # an ensemble (rewardforge.ensemble): its members, and the reward mean - penalty * std
+        self.ensemble_size: int = int((meta.get("ensemble") or {}).get("size", 1))
+        if not uncertainty_penalty >= 0:
+            raise ValueError(f"uncertainty_penalty must be a number >= 0, got {uncertainty_penalty}")
+        if uncertainty_penalty and self.ensemble_size == 1:
+            from rewardforge.errors import ModelError
+
+            raise ModelError(f"an uncertainty penalty ({uncertainty_penalty}) needs an ensemble, and this model has one "
+                             "member (train with model.ensemble_size=K > 1); drop the penalty")
+        self.uncertainty_penalty = float(uncertainty_penalty)
         # what the model reads: the one path from items to ids (rewardforge.data.inputs)
         self.inputs = ModelInputs(tokenizer, self.max_length, self.truncation)
         self.renderer = self.inputs.renderer
@@ -106,11 +122,21 @@ class RewardScorer:
             input_ids, mask = pad_sequences([ids[i] for i in idx], self.tokenizer.pad_token_id)
             out = self.model(input_ids.to(self.device), mask.to(self.device))
             outputs[idx] = out.float().cpu().numpy()
-        reward = combine(outputs, self.weights)
+        ens = None
+        if self.ensemble_size > 1:
+            from rewardforge.ensemble import summarize
+
+            ens = summarize(outputs, self.weights, self.ensemble_size, self.uncertainty_penalty)
+            reward, outputs = ens.reward, ens.outputs.astype(np.float32)
+        else:
+            reward = combine(outputs, self.weights)
         mean, std = float(self.meta.get("reward_mean", 0.0)), float(self.meta.get("reward_std", 1.0)) or 1.0
         num_tokens = np.array([len(x) for x in ids], np.int64)
-        return Scores(reward.astype(np.float32), ((reward - mean) / std).astype(np.float32), outputs, num_tokens,
-                      full > num_tokens, list(texts) if texts is not None else [None] * n, ids)
+        scores = Scores(reward.astype(np.float32), ((reward - mean) / std).astype(np.float32), outputs, num_tokens,
+                        full > num_tokens, list(texts) if texts is not None else [None] * n, ids)
+        if ens is not None:
+            scores.mean, scores.std, scores.members = ens.mean.astype(np.float32), ens.std.astype(np.float32), ens.members.astype(np.float32)
+        return scores
 
     def score_items(self, items: Sequence[dict[str, Any]], *, normalize: bool = True,
                     where: Sequence[str] | None = None) -> Scores:
@@ -144,10 +170,14 @@ class RewardScorer:
         return r[:n], r[n:]
 
 
-def load(model_dir: str | Path, *, device: str | None = None, dtype: torch.dtype = torch.float32, batch_size: int = 16) -> RewardScorer:
-    """Load an exported reward model directory as a :class:`RewardScorer`."""
+def load(model_dir: str | Path, *, device: str | None = None, dtype: torch.dtype = torch.float32, batch_size: int = 16,
+         uncertainty_penalty: float = 0.0) -> RewardScorer:
+    """Load an exported reward model directory as a :class:`RewardScorer`.
+
+    ``uncertainty_penalty``: for an ensemble, the reward is ``mean - uncertainty_penalty * std`` of its members.
+    """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tok, meta = load_reward_model(model_dir, dtype=dtype)
-    scorer = RewardScorer(model, tok, meta, device=device, batch_size=batch_size)
+    scorer = RewardScorer(model, tok, meta, device=device, batch_size=batch_size, uncertainty_penalty=uncertainty_penalty)
     scorer.model_dir = Path(meta.get("_dir", model_dir))  # where the export's other files are (training_prompts.json)
     return scorer

@@ -653,7 +653,7 @@ def evaluate_extra(run: Run) -> dict[str, float]:
     scorer = scorer_from_model(
         run.bare_model(), run.tokenizer, max_length=cfg.data.max_length, truncation=cfg.data.truncation,
         attributes=run.rtype.output_names if len(run.rtype.output_names) > 1 else None, attribute_weights=run.rtype.weights,
-        batch_size=cfg.train.validation_batch_size,
+        batch_size=cfg.train.validation_batch_size, ensemble_size=run.rtype.ensemble_size,
     )
     with run.accelerator.autocast(), run.compute():
         metrics = evaluate_pairs_during_training(scorer, run.extra_eval, subset_field=cfg.eval.subset_field or None)
@@ -686,7 +686,7 @@ def export_run(run: Run, out_dir: str | Path | None = None, pred: dict[str, Any]
     cfg = run.cfg
     if pred is None:
         pred = predict_sharded(run, run.val_data, desc="export statistics")
-    stats = reward_statistics(pred, run.rtype.weights)
+    stats = reward_statistics(run.rtype.mean_predictions(pred), run.rtype.weights)  # of the ensemble's mean
     stats["reward_stats_source"] = f"validation set ({stats['sequences']} sequences)"
     path = Path(out_dir or Path(cfg.output_dir) / "model")
     model = run.bare_model()
@@ -700,7 +700,7 @@ def export_run(run: Run, out_dir: str | Path | None = None, pred: dict[str, Any]
             model, run.tokenizer, path, reward_model_type=cfg.model.reward_model_type,
             attributes=run.rtype.output_names, attribute_weights=run.rtype.weights, max_length=cfg.data.max_length,
             truncation=cfg.data.truncation, template=run.template, stats=stats, base_model=cfg.model.name_or_path,
-            save_adapter=cfg.model.lora_save_adapter,
+            save_adapter=cfg.model.lora_save_adapter, ensemble=run.rtype.ensemble_metadata(cfg),
             prompt_fingerprint=prompt_fingerprint(run.train_data.prompt_keys, run.val_data.prompt_keys),
             card_info={"validation": run.rtype.metrics(pred) if pred else None,
                        "data": run.data_reports, "sources": list(cfg.data.train)},
@@ -732,7 +732,8 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
     extra = evaluate_extra(run)
     verdict = None
     if "chosen" in final_pred and len(run.val_data):
-        c, r = combine(final_pred["chosen"], run.rtype.weights), combine(final_pred["rejected"], run.rtype.weights)
+        mean_pred = run.rtype.mean_predictions(final_pred)
+        c, r = combine(mean_pred["chosen"], run.rtype.weights), combine(mean_pred["rejected"], run.rtype.weights)
         verdict = pair_verdict(c, r, [len(x) for x in run.val_data.chosen], [len(x) for x in run.val_data.rejected])
     if acc.is_main_process and progress:
         _print_final(run, final, verdict)

@@ -598,3 +598,97 @@ def mcnemar_p(b: int, c: int) -> float:
     mx = max(logs)
     tail = math.exp(mx) * sum(math.exp(v - mx) for v in logs)
     return float(min(1.0, 2 * tail))
+
+
+# ------------------------------------------------------------------ ensembles: uncertainty
+
+
+def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float | None:
+    """Area under the ROC curve of ``scores`` for the positive ``labels``: the probability that a random
+    positive scores above a random negative, ties counting one half (Mann–Whitney):
+
+        ``AUROC = (Σ_{i positive} rank_i − n₊(n₊ + 1)/2) / (n₊ · n₋)`` with average ranks for ties.
+
+    None when either class is empty.
+
+    Example:
+        >>> auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1])
+        0.75
+    """
+    s = np.asarray(scores, np.float64)
+    y = np.asarray(labels, bool)
+    pos, neg = int(y.sum()), int((~y).sum())
+    if pos == 0 or neg == 0:
+        return None
+    ranks = rankdata(s)
+    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
+
+
+def accuracy_by_uncertainty(margins: Sequence[float], uncertainty: Sequence[float], n_bins: int = 5) -> list[dict[str, Any]]:
+    """Pairwise accuracy (ties one half) in ``n_bins`` equal-count bins of ``uncertainty``, least uncertain first
+    (quintiles by default).
+
+    The pairs are sorted by uncertainty (stable, so equal uncertainties keep their order) and cut into
+    ``n_bins`` consecutive groups whose sizes differ by at most one (``numpy.array_split``). Each bin gives
+    ``n``, the uncertainty range ``[low, high]``, ``accuracy`` and its 95% Wilson interval ``[ci_low, ci_high]``.
+
+    Example:
+        >>> [b["accuracy"] for b in accuracy_by_uncertainty([1, 1, -1, -1], [0.1, 0.2, 0.3, 0.4], n_bins=2)]
+        [1.0, 0.0]
+    """
+    d = np.asarray(margins, np.float64)
+    u = np.asarray(uncertainty, np.float64)
+    if len(d) == 0:
+        return []
+    order = np.argsort(u, kind="stable")
+    out = []
+    for b, idx in enumerate(np.array_split(order, min(n_bins, len(d)))):
+        acc = float(win_rate(d[idx]))
+        lo, hi = wilson_interval(acc * len(idx), len(idx))
+        out.append({"bin": b, "n": int(len(idx)), "low": float(u[idx].min()), "high": float(u[idx].max()),
+                    "accuracy": acc, "ci_low": lo, "ci_high": hi})
+    return out
+
+
+def ensemble_probability_margin(member_margins: np.ndarray) -> np.ndarray:
+    """The margin whose sigmoid is the ensemble's probability ``p = mean_k sigmoid(d_k)`` (the members'
+    average Bradley–Terry probability): ``logit(p)``, with ``p`` clipped to ``[1e-12, 1 - 1e-12]``."""
+    p = np.clip(sigmoid(np.asarray(member_margins, np.float64)).mean(-1), 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+def ensemble_pair_report(member_margins: Sequence[Sequence[float]], n_bins: int = 5, calibration_bins: int = 10) -> dict[str, Any]:
+    """What an ensemble's disagreement says about pairs, from every member's margin ``d_ik`` ``[n, K]``.
+
+    * ``d_i = mean_k d_ik`` (the margin of the ensemble's mean reward) and the uncertainty
+      ``u_i = std_k d_ik`` (population, ``ddof=0``): how much the members disagree on the preference;
+    * ``accuracy``: of ``d`` (ties one half), with its 95% Wilson interval; ``member_accuracy``: of each ``d_·k``;
+    * ``uncertainty_bins``: :func:`accuracy_by_uncertainty` of ``d`` by ``u`` (quintiles; the first is the 20%
+      least uncertain pairs, the last the 20% most uncertain);
+    * ``auroc_std_wrong``: :func:`auroc` of ``u`` for the wrong pairs (``d_i ≤ 0``): 0.5 = the uncertainty says
+      nothing, 1 = every wrong pair is more uncertain than every right one;
+    * ``calibration``: :func:`calibration` (ECE, NLL) of ``P(chosen > rejected)`` three ways: ``member_0``
+      (``sigmoid(d_·0)``, one model without the ensemble), ``mean_reward`` (``sigmoid(d)``) and ``ensemble``
+      (``mean_k sigmoid(d_ik)``, the members' average probability, through :func:`ensemble_probability_margin`).
+    """
+    m = np.asarray(member_margins, np.float64)
+    if m.ndim != 2 or len(m) == 0:
+        return {"pairs": 0}
+    d, u = m.mean(1), m.std(1)
+    acc = float(win_rate(d))
+    lo, hi = wilson_interval(acc * len(d), len(d))
+    wrong = d <= 0
+    cal = lambda x: {k: v for k, v in calibration(x, calibration_bins).items() if k != "bins"}  # noqa: E731
+    return {
+        "pairs": int(len(d)),
+        "accuracy": acc,
+        "ci_low": lo,
+        "ci_high": hi,
+        "member_accuracy": [float(win_rate(m[:, k])) for k in range(m.shape[1])],
+        "std_mean": float(u.mean()),
+        "std_median": float(np.median(u)),
+        "uncertainty_bins": accuracy_by_uncertainty(d, u, n_bins),
+        "auroc_std_wrong": _f(auroc(u, wrong)),
+        "wrong_pairs": int(wrong.sum()),
+        "calibration": {"member_0": cal(m[:, 0]), "mean_reward": cal(d), "ensemble": cal(ensemble_probability_margin(m))},
+    }

@@ -17,6 +17,7 @@ SECTION_TITLES = [
     ("accuracy", "Accuracy"),
     ("sections", "Section scores"),
     ("calibration", "Calibration"),
+    ("uncertainty", "Ensemble uncertainty"),
     ("length", "Length bias"),
     ("distributions", "Reward distributions"),
     ("strength", "Preference strength"),
@@ -333,6 +334,33 @@ def _calibration_section(result, evals, figs) -> str:
     return "\n".join(out)
 
 
+def _uncertainty_section(result) -> str:
+    models = [m["name"] for m in result["models"]]
+    rows = [(n, m, result["results"][m]["datasets"][n].get("ensemble")) for n in _pair_datasets(result) for m in models]
+    rows = [r for r in rows if r[2] and r[2].get("pairs")]
+    if not rows:
+        return '<p class="na">No ensemble among the models (train one with <code>model.ensemble_size=K</code>).</p>'
+    out = ['<p class="how">An ensemble\'s K members each give a margin d_k = r_chosen − r_rejected; the pair\'s uncertainty '
+           'is their standard deviation std_k(d_k) and its margin their mean. Pairs are cut into five equal-count bins by '
+           'uncertainty (Q1 = the 20% least uncertain, Q5 = the 20% most uncertain), each with its accuracy and 95% Wilson '
+           'interval: a useful uncertainty has Q5 well below Q1. AUROC: the probability that a wrong pair (mean margin ≤ 0) '
+           'is more uncertain than a right one (0.5 = no signal). ECE of P(chosen &gt; rejected) without the ensemble '
+           '(member 0 alone, sigmoid(d_0)), of the mean reward (sigmoid(mean d)) and of the ensemble\'s probability '
+           '(mean_k sigmoid(d_k)).</p>']
+    head = ("<tr><th class=l>dataset</th><th class=l>model</th><th>K</th>" + "".join(f"<th>Q{q} accuracy</th>" for q in range(1, 6))
+            + "<th>AUROC std→wrong</th><th>ECE member 0</th><th>ECE mean reward</th><th>ECE ensemble</th></tr>")
+    body = []
+    for n, m, e in rows:
+        bins = "".join(f"<td>{_pct(b['accuracy'])} <span class=muted>{_ci(b)}</span></td>" for b in e["uncertainty_bins"])
+        bins += "<td></td>" * (5 - len(e["uncertainty_bins"]))
+        c = e["calibration"]
+        body.append(f"<tr><td class=l>{_e(n)}</td><td class=l>{_e(m)}</td><td>{len(e['member_accuracy'])}</td>{bins}"
+                    f"<td>{_num(e['auroc_std_wrong'])}</td><td>{_num(c['member_0']['ece'])}</td>"
+                    f"<td>{_num(c['mean_reward']['ece'])}</td><td>{_num(c['ensemble']['ece'])}</td></tr>")
+    out.append(f"<table>{head}{''.join(body)}</table>")
+    return "\n".join(out)
+
+
 def _length_section(result, evals, figs) -> str:
     models = [m["name"] for m in result["models"]]
     names = _pair_datasets(result)
@@ -608,6 +636,7 @@ def render_html(result: dict[str, Any], evals: Sequence[Any], figs: _Figures) ->
         "accuracy": _accuracy_section(result, evals, figs),
         "sections": _sections_section(result),
         "calibration": _calibration_section(result, evals, figs),
+        "uncertainty": _uncertainty_section(result),
         "length": _length_section(result, evals, figs),
         "distributions": _distributions_section(result, evals, figs),
         "strength": _strength_section(result, evals, figs),
@@ -623,7 +652,8 @@ def render_html(result: dict[str, Any], evals: Sequence[Any], figs: _Figures) ->
     applies = {
         "accuracy": has_pairs or "empty" in kinds,
         "sections": any(r.get("sections") for r in result["results"].values()),
-        "calibration": has_pairs, "length": has_pairs, "distributions": has_pairs, "mistakes": has_pairs,
+        "calibration": has_pairs, "length": has_pairs,
+        "uncertainty": any((v.get("ensemble") or {}).get("pairs") for r in result["results"].values() for v in r["datasets"].values()), "distributions": has_pairs, "mistakes": has_pairs,
         "strength": any(v.get("strength") for r in result["results"].values() for v in r["datasets"].values()),
         "best-of-n": "best_of_n" in kinds,
         "lists": "lists" in kinds,

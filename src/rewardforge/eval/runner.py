@@ -71,6 +71,9 @@ def pair_dataset_metrics(ps: PairScores, all_groups: Sequence[str] = (), n_bins:
         "rewards": M.reward_summary(ps.chosen, ps.rejected),
         "strength": strength,
         "truncated_sequences": ps.truncated,
+        # ensembles: accuracy by uncertainty quintile, AUROC of the std for wrong pairs, calibration with/without
+        "ensemble": (M.ensemble_pair_report(ps.members_chosen - ps.members_rejected)
+                     if ps.members_chosen is not None else None),
     }
 
 
@@ -134,6 +137,8 @@ def _pool(scores: Sequence[PairScores], names: Sequence[str]) -> tuple[PairScore
     cat = lambda k: np.concatenate([getattr(p, k) for p in scores]) if scores else np.zeros(0)  # noqa: E731
     pooled = PairScores(cat("chosen"), cat("rejected"), cat("len_chosen"), cat("len_rejected"), groups, None, None,
                         sum(p.truncated for p in scores))
+    if scores and all(p.members_chosen is not None for p in scores):
+        pooled.members_chosen, pooled.members_rejected = cat("members_chosen"), cat("members_rejected")
     return pooled, groups
 
 

@@ -29,6 +29,8 @@ class PairScores:
     strength_field: str | None
     truncated: int
     prompt_keys: list[str] | None = None  # sha1 of each pair's rendered prompt, as training keys it
+    members_chosen: np.ndarray | None = None  # ensembles: every member's reward [n, K]
+    members_rejected: np.ndarray | None = None
 
 
 @dataclass
@@ -65,8 +67,10 @@ def render_item(scorer, prompt, response, where: str) -> tuple[str, int]:
 OVERALL_BAR: list = []  # the one bar of a whole evaluation (every model, every file), when evaluate_model shows one
 
 
-def _score_all(scorer, texts: list[str], starts: list[int], *, progress: bool, desc: str) -> tuple[np.ndarray, np.ndarray, int]:
-    """Rewards ``[n]`` and outputs ``[n, N]`` of every text; chunks of similar length (little padding)."""
+def _score_all(scorer, texts: list[str], starts: list[int], *, progress: bool, desc: str,
+               members: dict | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Rewards ``[n]`` and outputs ``[n, N]`` of every text; chunks of similar length (little padding).
+    An ensemble's members' rewards ``[n, K]`` go to ``members["members"]`` when a dict is given."""
     from tqdm.auto import tqdm
 
     n = len(texts)
@@ -86,6 +90,8 @@ def _score_all(scorer, texts: list[str], starts: list[int], *, progress: bool, d
             if outputs is None:
                 outputs = np.zeros((n, out.shape[1]), np.float64)
             outputs[idx] = out
+            if members is not None and getattr(sc, "members", None) is not None:
+                members.setdefault("members", np.zeros((n, sc.members.shape[1]), np.float64))[idx] = sc.members
             truncated += int(np.asarray(getattr(sc, "truncated", np.zeros(len(idx), bool))).sum())
             bar.update(len(idx))
             if overall is not None:
@@ -147,13 +153,16 @@ def score_dataset(scorer, ds: EvalDataset, *, subset_field: str | None = None, s
             for p in pairs:
                 t, s = render_item(scorer, p.prompt, getattr(p, side), p.where)
                 texts.append(t), starts.append(s)
-        reward, _, trunc = _score_all(scorer, texts, starts, progress=progress, desc=desc)
+        kept: dict = {}
+        reward, _, trunc = _score_all(scorer, texts, starts, progress=progress, desc=desc, members=kept)
         lengths, unit = response_lengths(scorer, texts, starts)
         n = len(pairs)
         sf = pick_strength_field(pairs, strength_field)
         strength = np.array([strength_of(p, sf) for p in pairs], np.float64) if sf else None
+        m = kept.get("members")
         return PairScores(reward[:n], reward[n:], lengths[:n], lengths[n:], [group_of(p.extra, subset_field) for p in pairs],
-                          strength, sf, trunc, _prompt_keys(scorer, texts[:n], starts[:n])), unit
+                          strength, sf, trunc, _prompt_keys(scorer, texts[:n], starts[:n]),
+                          m[:n] if m is not None else None, m[n:] if m is not None else None), unit
     if ds.kind == "best_of_n":
         items: list[BestOfN] = ds.items
         texts, starts, owner = [], [], []
@@ -196,10 +205,11 @@ def score_dataset(scorer, ds: EvalDataset, *, subset_field: str | None = None, s
 
 def scorer_from_model(model, tokenizer, *, max_length: int, truncation: str = "prompt_left",
                       attributes: Sequence[str] | None = None, attribute_weights: Sequence[float] | None = None,
-                      batch_size: int = 32, device=None):
+                      batch_size: int = 32, device=None, ensemble_size: int = 1):
     """A :class:`~rewardforge.scoring.RewardScorer` around an in-memory model, leaving its train mode as it was.
 
-    ``tokenizer`` must have the training template installed (``setup_template``).
+    ``tokenizer`` must have the training template installed (``setup_template``); ``ensemble_size``: the model's
+    members (``model.ensemble_size``).
     """
     from rewardforge.losses import default_weights
     from rewardforge.scoring import RewardScorer
@@ -207,6 +217,8 @@ def scorer_from_model(model, tokenizer, *, max_length: int, truncation: str = "p
     attrs = list(attributes or [])
     weights = list(attribute_weights or default_weights(max(len(attrs), 1)))
     meta = {"max_length": max_length, "truncation": truncation, "attributes": attrs, "attribute_weights": weights}
+    if ensemble_size > 1:
+        meta["ensemble"] = {"size": ensemble_size}
     was_training = model.training
     if device is None:
         device = next(model.parameters()).device

@@ -58,6 +58,10 @@ def render_card(meta: Mapping[str, Any], *, name: str, validation: Mapping[str, 
         f"| reward mean / std | {meta.get('reward_mean', 0):.4f} / {meta.get('reward_std', 1):.4f} "
         f"({meta.get('reward_stats_source') or 'no statistics measured'}) |",
     ]
+    ens = meta.get("ensemble")
+    if ens:
+        lines.append(f"| ensemble | {ens['size']} members on one backbone ({ens.get('bootstrap')} bootstrap); reward = their "
+                     "mean, uncertainty = their std; `reward/` holds the mean head (num_labels=1) |")
     if validation:
         lines.append("| validation | " + ", ".join(f"{k} {v:.4f}" for k, v in validation.items()
                                                    if isinstance(v, float) and k in ("accuracy", "loss", "mse", "pearson")) + " |")

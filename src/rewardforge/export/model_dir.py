@@ -71,6 +71,7 @@ def write_model_dir(
     single_reward: bool = True,
     prompt_fingerprint: dict[str, Any] | None = None,
     card_info: dict[str, Any] | None = None,
+    ensemble: dict[str, Any] | None = None,
 ) -> Path:
     """Write the HF directory atomically: a reader never sees a half-written export.
 
@@ -80,6 +81,10 @@ def write_model_dir(
     The tokenizer is written self-sufficient (:func:`save_tokenizer`). A regression model (several
     attributes) with ``single_reward`` also gets ``reward/``: the same model with the attribute weights
     folded into a one-output head, for loaders that ask for ``num_labels=1`` (TRL, verl).
+
+    ``ensemble`` (:func:`rewardforge.ensemble.metadata`) marks a model of ``size`` members with
+    ``size * len(attributes)`` outputs; it is stored in ``rewardforge.json`` and its ``reward/`` holds the
+    members' mean reward as one head (with ``single_reward``).
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -109,8 +114,13 @@ def write_model_dir(
         }
         if prompt_fingerprint is not None:
             (tmp / PROMPTS_FILE).write_text(json.dumps(prompt_fingerprint) + "\n")
-        if len(attributes) > 1 and single_reward:
-            meta["single_reward_dir"] = write_single_reward_model(hf, tmp, attribute_weights)
+        size = int(ensemble["size"]) if ensemble else 1
+        if ensemble:
+            meta["ensemble"] = dict(ensemble)
+        if (len(attributes) > 1 or size > 1) and single_reward:
+            # an ensemble's reward is the mean of its members: weights w / K on every member's outputs
+            weights = np.tile(np.asarray(attribute_weights, np.float64) / size, size).tolist()
+            meta["single_reward_dir"] = write_single_reward_model(hf, tmp, weights)
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         from rewardforge.export.card import write_card
 

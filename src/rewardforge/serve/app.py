@@ -95,6 +95,10 @@ class ScoreResult(BaseModel):
     text: Optional[str] = Field(None, description="the text the model read (with return_text)")
     tokens: Optional[list[int]] = Field(None, description="the token ids the model read (with return_tokens)")
     normalized: Optional[list[str]] = Field(None, description="what normalisation changed in this item, if anything")
+    reward_mean: Optional[float] = Field(None, description="ensembles: the members' mean reward (reward = reward_mean - "
+                                         "--uncertainty-penalty x reward_std)")
+    reward_std: Optional[float] = Field(None, description="ensembles: the standard deviation of the members' rewards")
+    members: Optional[list[float]] = Field(None, description="ensembles: every member's reward, member_0 first")
 
 
 class ScoreResponse(BaseModel):
@@ -119,8 +123,8 @@ class GetRewardResponse(BaseModel):
     rewards: list[float] = Field(description="one reward per query (raw or normalized per --compat-reward)")
     scores: list[float] = Field(description="the same rewards (OpenRLHF reads 'scores' for dynamic filtering)")
     extra_logs: dict[str, list[float]] = Field(
-        description="per query: truncated (0/1), num_tokens, normalized (0/1: the input was changed), and each "
-        "attribute of a regression model")
+        description="per query: truncated (0/1), num_tokens, normalized (0/1: the input was changed), each "
+        "attribute of a regression model, and for ensembles reward_mean, reward_std and member_0..member_K-1")
 
 
 # ---------------------------------------------------------------- middleware
@@ -523,6 +527,9 @@ def _score_results(service: ScoringService, req: "ScoreRequest", prepared, s) ->
         }
         if multi:
             r["attributes"] = {a: float(v) for a, v in zip(service.attributes, s.outputs[i])}
+        if s.members is not None:
+            r["reward_mean"], r["reward_std"] = float(s.mean[i]), float(s.std[i])
+            r["members"] = [float(v) for v in s.members[i]]
         if req.return_text:
             r["text"] = service.read_text(prepared, i)
         if req.return_tokens:
@@ -555,6 +562,10 @@ def _get_reward_body(service: ScoringService, prepared, s) -> dict[str, Any]:
     if len(service.attributes) > 1:
         for j, name in enumerate(service.attributes):
             extra[name] = [float(v) for v in s.outputs[:, j]]
+    if s.members is not None:  # ensembles: the mean, the std and each member, raw
+        extra["reward_mean"], extra["reward_std"] = [float(v) for v in s.mean], [float(v) for v in s.std]
+        for k in range(s.members.shape[1]):
+            extra[f"member_{k}"] = [float(v) for v in s.members[:, k]]
     return {"rewards": rewards, "scores": rewards, "extra_logs": extra}
 
 

@@ -95,6 +95,11 @@ class ServeConfig:
         "sequence runs on one core and leaves the others to HTTP and tokenization while large batches use them all; "
         "0 = always --threads"
     )
+    uncertainty_penalty: float = _opt(
+        0.0, "ensembles (model.ensemble_size > 1): every endpoint's reward is mean - LAMBDA * std of the members' "
+        "rewards (a pessimistic reward where the members disagree, against reward hacking; Coste et al. 2023); "
+        "0 serves their mean. The mean, the std and each member are returned beside it. Needs an ensemble"
+    )
     graceful_timeout_s: float = _opt(30.0, "on shutdown, how long in-flight requests may take to finish")
     log_level: str = _opt("info", "uvicorn log level", choices=("critical", "error", "warning", "info", "debug", "trace"))
 
@@ -128,6 +133,8 @@ class ServeConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.tokens_per_thread < 0:
             raise ValueError(f"tokens_per_thread must be >= 0, got {self.tokens_per_thread}")
+        if not self.uncertainty_penalty >= 0:  # also rejects nan
+            raise ValueError(f"uncertainty_penalty must be a number >= 0, got {self.uncertainty_penalty}")
         if not (0 <= self.port < 65536):
             raise ValueError(f"port must be in 0..65535, got {self.port}")
         return self

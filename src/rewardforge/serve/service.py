@@ -66,8 +66,11 @@ async def unless_disconnected(receive, aw):
 class Scored:
     reward: np.ndarray  # raw combined reward [n]
     normalized: np.ndarray  # (reward - mean) / std [n]
-    outputs: np.ndarray  # every model output [n, N]
+    outputs: np.ndarray  # every model output [n, N] (an ensemble's: the members' mean)
     prepared: Prepared
+    mean: np.ndarray | None = None  # ensembles: the members' mean reward [n]
+    std: np.ndarray | None = None  # ensembles: their standard deviation [n]
+    members: np.ndarray | None = None  # ensembles: each member's reward [n, K]
 
 
 class ScoringService:
@@ -78,6 +81,13 @@ class ScoringService:
         self.tokenizer = scorer.tokenizer
         self.attributes: list[str] = list(scorer.attributes)
         self.weights = np.asarray(scorer.weights, np.float64)
+        self.ensemble_size = int(getattr(scorer, "ensemble_size", 1))
+        if config.uncertainty_penalty and self.ensemble_size == 1:
+            from rewardforge.errors import ModelError
+
+            raise ModelError(f"--uncertainty-penalty {config.uncertainty_penalty} needs an ensemble, and this model has "
+                             "one member (rewardforge.json has no 'ensemble'; train with model.ensemble_size=K > 1); "
+                             "drop --uncertainty-penalty")
         self.mean = float(scorer.meta.get("reward_mean", 0.0))
         self.std = float(scorer.meta.get("reward_std", 1.0)) or 1.0
         self.max_length = int(scorer.max_length)
@@ -166,11 +176,27 @@ class ScoringService:
         reward = combine(outputs, self.weights)
         return reward.astype(np.float32), ((reward - self.mean) / self.std).astype(np.float32)
 
+    def summarize(self, outputs: np.ndarray):
+        """An ensemble's reward (mean - --uncertainty-penalty x std), mean, std and members, exactly as
+        ``RewardScorer.score_ids`` with the same penalty (:func:`rewardforge.ensemble.summarize`)."""
+        from rewardforge.ensemble import summarize
+
+        return summarize(outputs, self.weights, self.ensemble_size, self.config.uncertainty_penalty)
+
     async def score(self, prepared: Prepared, ticket=None) -> Scored:
         if not prepared.seqs:
             empty = np.zeros(0, np.float32)
-            return Scored(empty, empty, np.zeros((0, self.scorer.model.num_outputs), np.float32), prepared)
+            width = self.scorer.model.num_outputs // self.ensemble_size
+            if self.ensemble_size > 1:
+                return Scored(empty, empty, np.zeros((0, width), np.float32), prepared, empty, empty,
+                              np.zeros((0, self.ensemble_size), np.float32))
+            return Scored(empty, empty, np.zeros((0, width), np.float32), prepared)
         outputs = await self.batcher.submit(prepared.seqs, ticket)
+        if self.ensemble_size > 1:
+            e = self.summarize(outputs)
+            f32 = lambda x: x.astype(np.float32)  # noqa: E731
+            return Scored(f32(e.reward), f32((e.reward - self.mean) / self.std), f32(e.outputs), prepared,
+                          f32(e.mean), f32(e.std), f32(e.members))
         reward, normalized = self.combine(outputs)
         return Scored(reward, normalized, outputs, prepared)
 

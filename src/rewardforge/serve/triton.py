@@ -11,7 +11,9 @@ infer with NeMo-Aligner's tensor names:
 * outputs ``rewards`` (FP32 ``[B, 1]``: raw or normalized per ``--compat-reward``; with
   ``--v2-rewards per_attribute`` a regression model's ``[B, A]``, one column per attribute, as SteerLM's
   annotation reads it), ``exceeded`` (INT32 ``[B, 1]``: 1 where the input was truncated to max_length);
-  regression models also have ``attributes`` (FP32 ``[B, A]``, in ``rewardforge.json`` order).
+  regression models also have ``attributes`` (FP32 ``[B, A]``, in ``rewardforge.json`` order); ensembles
+  also have ``reward_mean`` and ``reward_std`` (FP32 ``[B, 1]``: the members' mean reward and standard
+  deviation; ``rewards`` is ``mean - --uncertainty-penalty x std``) and ``members`` (FP32 ``[B, K]``).
 
 Tensors may be JSON (``"data"``) or use the binary tensor extension: the body is the JSON header
 (``Inference-Header-Content-Length`` bytes) followed by each binary input in order, BYTES elements
@@ -168,7 +170,11 @@ class _Model:
         self.per_attribute = self.multi and self.cfg.v2_rewards == "per_attribute"
         self.width = len(attrs) if self.per_attribute else 1
         self.n_attributes = len(attrs)
-        self.output_names = ["rewards", "exceeded", "attributes"] if self.multi else ["rewards", "exceeded"]
+        self.ensemble = service.ensemble_size > 1
+        # an ensemble's outputs besides the served reward: (name, width)
+        self.ensemble_outputs = [("reward_mean", 1), ("reward_std", 1), ("members", service.ensemble_size)] if self.ensemble else []
+        self.output_names = (["rewards", "exceeded", "attributes"] if self.multi else ["rewards", "exceeded"]) + [
+            n for n, _ in self.ensemble_outputs]
 
     def check(self, name: str, version: Optional[str]) -> None:
         cfg = self.cfg
@@ -184,6 +190,7 @@ class _Model:
                    {"name": "exceeded", "datatype": "INT32", "shape": [-1, 1]}]
         if self.multi:
             outputs.append({"name": "attributes", "datatype": "FP32", "shape": [-1, self.n_attributes]})
+        outputs += [{"name": n, "datatype": "FP32", "shape": [-1, w]} for n, w in self.ensemble_outputs]
         inputs = [{"name": "sentences", "datatype": "BYTES", "shape": [-1, -1]},
                   {"name": "tokens", "datatype": "INT64", "shape": [-1, -1]},
                   {"name": "sequence_lengths", "datatype": "INT64", "shape": [-1, 1]}]
@@ -197,6 +204,7 @@ class _Model:
                   {"name": "exceeded", "data_type": "TYPE_INT32", "dims": [1]}]
         if self.multi:
             output.append({"name": "attributes", "data_type": "TYPE_FP32", "dims": [self.n_attributes]})
+        output += [{"name": n, "data_type": "TYPE_FP32", "dims": [w]} for n, w in self.ensemble_outputs]
         return {
             "name": cfg.model_name,
             "platform": "",
@@ -340,6 +348,10 @@ async def _infer(model: _Model, request: Request, name: str, version: Optional[s
     available = {"rewards": rewards, "exceeded": prepared.truncated.astype(np.int32).reshape(-1, 1)}
     if model.multi:
         available["attributes"] = s.outputs.astype(np.float32)
+    if model.ensemble:
+        available["reward_mean"] = s.mean.astype(np.float32).reshape(-1, 1)
+        available["reward_std"] = s.std.astype(np.float32).reshape(-1, 1)
+        available["members"] = s.members.astype(np.float32)
     result: dict[str, Any] = {"model_name": cfg.model_name, "model_version": VERSION}
     if isinstance(head.get("id"), str) and head["id"]:
         result["id"] = head["id"]
