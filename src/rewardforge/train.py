@@ -47,6 +47,7 @@ from rewardforge.distributed import (
 from rewardforge.evaluate import pair_verdict, predict, validation_metrics
 from rewardforge.export import prompt_fingerprint, reward_statistics, write_model_dir
 from rewardforge.faults import fault_point
+from rewardforge.memory import peak_rss_mb, rss_mb
 from rewardforge.models import load_tokenizer, set_attention
 from rewardforge.packing import PackedPairCollator, check_share_prompt, model_kwargs
 from rewardforge.precision import MasterWeights, precision_reason, resolve_precision
@@ -438,7 +439,9 @@ def _load_state(run: Run, ckpt: Path) -> None:
 
 
 def _log(run: Run, record: dict[str, Any]) -> None:
-    """One record to metrics.jsonl, and its numbers to the trackers (``split/name`` at the record's step)."""
+    """One record to metrics.jsonl, and its numbers to the trackers (``split/name`` at the record's step).
+    Every record gets this process's resident memory now and at its peak (MiB)."""
+    record = {**record, "rss_mb": round(rss_mb(), 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
     if run.accelerator.is_main_process:
         with open(Path(run.cfg.output_dir) / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -553,7 +556,8 @@ def train(run: Run, *, progress: bool = True) -> dict[str, Any]:
                 window[k] = window.get(k, 0.0) + v
             window["steps"] = window.get("steps", 0) + 1
             bar.update(1)
-            bar.set_postfix({k: f"{window[k] / max(window['_share'], 1e-12):.3f}" for k in ("loss", "accuracy") if k in window})
+            bar.set_postfix({**{k: f"{window[k] / max(window['_share'], 1e-12):.3f}" for k in ("loss", "accuracy") if k in window},
+                             "rss_mb": f"{rss_mb():.0f}"})
 
             if cfg.train.log_steps and st.step % cfg.train.log_steps == 0:
                 n = window.pop("steps")
@@ -760,6 +764,7 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
         "final_eval": extra,
         "data": run.data_reports,
         "memory_estimate": memory,
+        "peak_rss_mb": round(peak_rss_mb(), 1),  # this process's, training and final validation included
     }
     if export:
         path, stats = export_run(run, pred=final_pred)
