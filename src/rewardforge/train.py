@@ -47,7 +47,7 @@ from rewardforge.distributed import (
 from rewardforge.evaluate import pair_verdict, predict, validation_metrics
 from rewardforge.export import prompt_fingerprint, reward_statistics, write_model_dir
 from rewardforge.faults import fault_point
-from rewardforge.memory import peak_rss_mb, rss_mb
+from rewardforge.memory import peak_rss_mb, release_free_memory, rss_mb
 from rewardforge.models import load_tokenizer, set_attention
 from rewardforge.packing import PackedPairCollator, check_share_prompt, model_kwargs
 from rewardforge.precision import MasterWeights, precision_reason, resolve_precision
@@ -555,6 +555,8 @@ def train(run: Run, *, progress: bool = True) -> dict[str, Any]:
             for k, v in step_stats.items():
                 window[k] = window.get(k, 0.0) + v
             window["steps"] = window.get("steps", 0) + 1
+            if cfg.train.malloc_trim_steps and st.step % cfg.train.malloc_trim_steps == 0:
+                release_free_memory()  # before the step's RSS is shown and logged
             bar.update(1)
             bar.set_postfix({**{k: f"{window[k] / max(window['_share'], 1e-12):.3f}" for k in ("loss", "accuracy") if k in window},
                              "rss_mb": f"{rss_mb():.0f}"})
