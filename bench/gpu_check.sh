@@ -7,7 +7,7 @@
 #     through rewardforge's setup()/train() with FSDP in bf16 over every visible GPU (torchrun), printing
 #     pairs/s, MFU against the GPU's bf16 peak and peak memory.
 #
-# Takes 3-5 minutes on one H100/H200 (the training part is capped at 8). Flags after the command go to
+# Meant to take a few minutes (not yet run on a GPU; the training part is capped at 8). Flags after the command go to
 # gpu_train.py, e.g. --steps 100 --max-length 1024 --batch-size 16. PYTHON picks the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
