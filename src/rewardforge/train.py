@@ -555,8 +555,6 @@ def train(run: Run, *, progress: bool = True) -> dict[str, Any]:
             for k, v in step_stats.items():
                 window[k] = window.get(k, 0.0) + v
             window["steps"] = window.get("steps", 0) + 1
-            if cfg.train.malloc_trim_steps and st.step % cfg.train.malloc_trim_steps == 0:
-                release_free_memory()  # before the step's RSS is shown and logged
             bar.update(1)
             bar.set_postfix({**{k: f"{window[k] / max(window['_share'], 1e-12):.3f}" for k in ("loss", "accuracy") if k in window},
                              "rss_mb": f"{rss_mb():.0f}"})
@@ -572,6 +570,8 @@ def train(run: Run, *, progress: bool = True) -> dict[str, Any]:
                 rec["grad_norm"] = grad_norm
                 _log(run, rec)
                 window = {}
+            if cfg.train.malloc_trim_steps and st.step % cfg.train.malloc_trim_steps == 0:
+                release_free_memory()  # after the step's RSS is logged: the log shows what was held before
             if cfg.train.eval_steps and st.step % cfg.train.eval_steps == 0 and st.step < run.total_steps:
                 val = validate(run)
                 _log(run, {"step": st.step, "epoch": st.epoch, "split": "validation", **val})
