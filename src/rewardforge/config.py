@@ -106,6 +106,7 @@ class TrainConfig:
     report_to: list[str] = _f([], "Experiment trackers (through accelerate) that get every metric metrics.jsonl gets, with the same names (split/metric) and steps, plus the resolved config and the data report as hyperparameters, from the main process: tensorboard, wandb, mlflow, or none; each an optional extra (pip install 'rewardforge[tensorboard]'). They write under output_dir/trackers (wandb and mlflow: unless WANDB_DIR / MLFLOW_TRACKING_URI say otherwise).")
     eval_batch_size: int = _f(0, "Pairs per validation batch (0: 2 x batch_size; read it as train.validation_batch_size).")
     threads: int = _f(0, "torch CPU threads (0 keeps torch's default).")
+    malloc_trim_steps: int = _f(10, "Every N optimizer steps, return the memory glibc's malloc holds free to the OS (malloc_trim), so a long run's resident memory stays flat: freed activations of batches of varying length otherwise stay resident in malloc's heaps (rewardforge.memory; bench/memory.py measures it). The same results; 0 turns it off; nothing is done where the C library is not glibc.")
     nonfinite: str = _f("stop", "On a NaN/inf loss or gradient: stop (keeping the last checkpoint) or skip the optimizer step.")
     max_skipped_steps: int = _f(10, "With nonfinite=skip, stop once this many steps have been skipped in the run.")
     strategy: str = _f("auto", "Several processes: ddp (replicate; the default, 'auto') or fsdp (shard weights, gradients and optimizer state; the backbone's transformer block is the wrap unit).")
@@ -172,6 +173,8 @@ def validate(cfg: Config) -> None:
     for t in cfg.train.report_to:
         if t not in TRACKERS:
             raise ConfigError(f"train.report_to has {t!r}; choose from {', '.join(TRACKERS)}")
+    if cfg.train.malloc_trim_steps < 0:
+        raise ConfigError(f"train.malloc_trim_steps must be >= 0 (0 turns it off), got {cfg.train.malloc_trim_steps}")
     positive = [("train", "batch_size"), ("train", "gradient_accumulation_steps"), ("data", "max_length")]
     for section, key in positive:
         if getattr(getattr(cfg, section), key) <= 0:

@@ -49,7 +49,7 @@ from rewardforge.export.model_dir import prompt_fingerprint, reward_statistics, 
 from rewardforge.training.faults import fault_point
 from rewardforge.models.reward_model import load_tokenizer, set_attention
 from rewardforge.data.packing import check_share_prompt, model_kwargs
-from rewardforge.training.memory import check_free_space, estimate_memory
+from rewardforge.training.memory import check_free_space, estimate_memory, peak_rss_mb, release_free_memory, rss_mb
 from rewardforge.training.precision import MasterWeights, effective_precision, precision_reason
 from rewardforge.losses import combine
 from rewardforge.registry import ResolvedType, resolve_type
@@ -429,7 +429,9 @@ def _load_state(run: Run, ckpt: Path) -> None:
 
 
 def _log(run: Run, record: dict[str, Any]) -> None:
-    """One record to metrics.jsonl, and its numbers to the trackers (``split/name`` at the record's step)."""
+    """One record to metrics.jsonl, and its numbers to the trackers (``split/name`` at the record's step).
+    Every record gets this process's resident memory now and at its peak (MiB)."""
+    record = {**record, "rss_mb": round(rss_mb(), 1), "peak_rss_mb": round(peak_rss_mb(), 1)}
     if run.accelerator.is_main_process:
         with open(Path(run.cfg.output_dir) / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
@@ -507,10 +509,13 @@ def train(run: Run, *, progress: bool = True) -> dict[str, Any]:
                 window[k] = window.get(k, 0.0) + v
             window["steps"] = window.get("steps", 0) + 1
             bar.update(1)
-            bar.set_postfix({k: f"{window[k] / max(window['_share'], 1e-12):.3f}" for k in ("loss", "accuracy") if k in window})
+            bar.set_postfix({**{k: f"{window[k] / max(window['_share'], 1e-12):.3f}" for k in ("loss", "accuracy") if k in window},
+                             "rss_mb": f"{rss_mb():.0f}"})
             if cfg.train.log_steps and st.step % cfg.train.log_steps == 0:
                 _log_window(run, window, grad_norm, time.perf_counter() - t_start)
                 window = {}
+            if cfg.train.malloc_trim_steps and st.step % cfg.train.malloc_trim_steps == 0:
+                release_free_memory()  # after the step's RSS is logged: the log shows what was held before
             _after_step(run, bar)
         if group >= len(plan):
             st.epoch += 1
@@ -752,6 +757,7 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
         "final_eval": extra,
         "data": run.data_reports,
         "memory_estimate": memory,
+        "peak_rss_mb": round(peak_rss_mb(), 1),  # this process's, training and final validation included
     }
     if export:
         summary.update(_export_and_next(run, final_pred, progress))
