@@ -133,8 +133,9 @@ def report_uncertainty(e: dict, single_ece: float | None = None) -> None:
         print(f"  Q{b['bin'] + 1}: std {b['low']:.4f}-{b['high']:.4f}, {b['n']} pairs, accuracy {b['accuracy']:.4f} "
               f"(95% CI {b['ci_low']:.4f}-{b['ci_high']:.4f})")
     q1, q5 = e["uncertainty_bins"][0], e["uncertainty_bins"][-1]
-    print(f"20% most uncertain {q5['accuracy']:.4f} vs 20% least uncertain {q1['accuracy']:.4f}: "
-          f"{'the 95% intervals do not overlap' if q5['ci_high'] < q1['ci_low'] else 'the 95% intervals overlap'}")
+    apart = ("below, the 95% intervals apart" if q5["ci_high"] < q1["ci_low"] else
+             "ABOVE, the 95% intervals apart (the wrong way)" if q5["ci_low"] > q1["ci_high"] else "the 95% intervals overlap")
+    print(f"20% most uncertain {q5['accuracy']:.4f} vs 20% least uncertain {q1['accuracy']:.4f}: {apart}")
     print(f"AUROC of the std for a wrong pair: {e['auroc_std_wrong']:.4f} ({e['wrong_pairs']} wrong pairs)")
     c = e["calibration"]
     print(f"ECE of P(chosen > rejected): single model {'n/a' if single_ece is None else f'{single_ece:.4f}'}; ensemble: "
