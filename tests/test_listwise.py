@@ -74,6 +74,35 @@ def test_listwise_bradley_terry_on_hand_numbers_with_and_without_gap_weights():
     assert listwise_bradley_terry_loss(*dense([2.0, 1.0, 0.0], [3, 1, 1])).item() == pytest.approx((ls(1) + ls(2)) / 2, abs=1e-12)
 
 
+def test_list_losses_weigh_each_list_by_its_example_weight():
+    # list 0: r [2, 1, 0] y [3, 2, 1] (nll0 over 2 choices); list 1: r [0.5, 0] y [0, 1] (nll1 over 1 choice)
+    r = torch.tensor([[2.0, 1.0, 0.0], [0.5, 0.0, 0.0]], dtype=torch.float64)
+    y = torch.tensor([[3.0, 2.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    m = torch.tensor([[True, True, True], [True, True, False]])
+    nll0 = (math.log(math.e**2 + math.e + 1) - 2) + (math.log(math.e + 1) - 1)
+    nll1 = math.log(1 + math.exp(0.5))
+    w = torch.tensor([2.0, 1.0], dtype=torch.float64)
+    assert plackett_luce_loss(r, y, m, w).item() == pytest.approx((2 * nll0 + nll1) / (2 * 2 + 1), abs=1e-12)
+    assert plackett_luce_loss(r, y, m, torch.ones(2, dtype=torch.float64)).item() == pytest.approx(plackett_luce_loss(r, y, m).item())
+    # listwise BT: list 0's three pairs count twice, list 1's one pair (d = -0.5) once
+    want = (2 * (2 * ls(1) + ls(2)) + ls(-0.5)) / (2 * 3 + 1)
+    assert listwise_bradley_terry_loss(r, y, m, weight=w).item() == pytest.approx(want, abs=1e-12)
+    # weight 0 leaves a list out
+    assert listwise_bradley_terry_loss(r, y, m, weight=torch.tensor([0.0, 1.0], dtype=torch.float64)).item() == pytest.approx(ls(-0.5))
+
+
+def test_a_listwise_ensemble_trains_and_scores_with_mean_and_members(tiny_model, list_files, tmp_path):
+    train, val = list_files
+    cfg = load_config(None, [f"model.name_or_path={tiny_model('llama')}", "model.reward_model_type=listwise",
+                             "model.ensemble_size=3", f"data.train=[{train}]", f"data.validation=[{val}]",
+                             "train.max_steps=3", "train.batch_size=2", "data.cache_dir=none", "train.precision=fp32",
+                             f"output_dir={tmp_path / 'ens'}"])
+    summary = run_training(cfg, progress=False)
+    assert "ensemble" in summary["final_validation"]
+    s = rewardforge.load(tmp_path / "ens" / "model").score_detailed(["Hi"], ["Hello there"])
+    assert s.members.shape == (1, 3) and s.mean[0] == pytest.approx(s.members[0].mean(), abs=1e-5)
+
+
 def test_rows_of_several_lists_in_any_order_give_the_same_loss_and_finite_gradients():
     # list 0: r [2, 1, 0], y [3, 2, 1]; list 1: r [0.5, 0], y [0, 1]; padding row (-1) ignored
     r = torch.tensor([0.5, 2.0, 9.0, 1.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True)

@@ -208,7 +208,8 @@ def dense_lists(values: torch.Tensor, list_index: torch.Tensor, *others: torch.T
     return (scatter(values, 0.0), mask, *(scatter(o, float("nan")) for o in others))
 
 
-def plackett_luce_loss(rewards: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def plackett_luce_loss(rewards: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
+                       weight: torch.Tensor | None = None) -> torch.Tensor:
     """Negative log-likelihood of each list's ranking under Plackett–Luce, ties by Breslow's rule.
 
     For a list with rewards ``r_i`` and scores ``y_i`` (higher is better), every response ``i`` is
@@ -222,6 +223,8 @@ def plackett_luce_loss(rewards: torch.Tensor, scores: torch.Tensor, mask: torch.
     everything below it, which approximates the average of the likelihood over the tie-consistent
     orderings (exact when no score ties; a strictly last response adds ``log exp(r) - r = 0``).
 
+    With per-list weights ``w`` (``[B]``, an ensemble's bootstrap weights): ``L = sum_b w_b nll_b / sum_b w_b (K_b - 1)``.
+
     Args:
         rewards, scores: ``[B, K]``; mask: ``[B, K]`` bool, True on real responses (see :func:`dense_lists`).
     """
@@ -230,8 +233,12 @@ def plackett_luce_loss(rewards: torch.Tensor, scores: torch.Tensor, mask: torch.
     # a padding entry's own set is itself, so its (unused) term stays finite and its gradient 0, not nan
     risk = risk | torch.eye(risk.shape[-1], dtype=torch.bool, device=risk.device)
     logden = torch.logsumexp(rewards[:, None, :].expand_as(risk).masked_fill(~risk, float("-inf")), dim=-1)
-    nll = torch.where(mask, logden - rewards, torch.zeros_like(rewards)).sum()
-    return nll / (mask.sum() - mask.any(-1).sum()).clamp(min=1)
+    nll = torch.where(mask, logden - rewards, torch.zeros_like(rewards)).sum(-1)  # [B]
+    choices = (mask.sum(-1) - mask.any(-1).long()).to(nll.dtype)  # K_b - 1
+    if weight is None:
+        return nll.sum() / choices.sum().clamp(min=1)
+    w = weight.to(nll.dtype)
+    return (w * nll).sum() / (w * choices).sum().clamp(min=torch.finfo(nll.dtype).tiny)
 
 
 def list_pairs(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -239,17 +246,21 @@ def list_pairs(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return mask[:, :, None] & mask[:, None, :] & (scores[:, :, None] > scores[:, None, :])
 
 
-def listwise_bradley_terry_loss(rewards: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, gap_weight: bool = False) -> torch.Tensor:
+def listwise_bradley_terry_loss(rewards: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, gap_weight: bool = False,
+                                weight: torch.Tensor | None = None) -> torch.Tensor:
     """Bradley–Terry over every ordered pair of each list (``y_i > y_j``; ties make no pair).
 
     ``L = sum_(i,j) w_ij * -log sigmoid(r_i - r_j) / sum_(i,j) w_ij`` with ``w_ij = 1`` (the mean over
     pairs: the same loss as expanding the lists to all their pairs for ``bradley_terry``) or, with
     ``gap_weight``, ``w_ij = y_i - y_j`` (a pair counts by its score gap; the weighted mean keeps the scale).
+    Per-list weights ``weight`` (``[B]``, an ensemble's bootstrap weights) multiply every ``w_ij`` of their list.
     """
     pairs = list_pairs(scores, mask)
     y = scores.to(rewards.dtype)
     w = torch.where(pairs, (y[:, :, None] - y[:, None, :]) if gap_weight else torch.ones_like(pairs, dtype=rewards.dtype),
                     torch.zeros((), dtype=rewards.dtype, device=rewards.device))
+    if weight is not None:
+        w = w * weight.to(rewards.dtype)[:, None, None]
     nll = -F.logsigmoid(rewards[:, :, None] - rewards[:, None, :])
     return (w * nll).sum() / w.sum().clamp(min=torch.finfo(rewards.dtype).tiny)
 
@@ -271,16 +282,20 @@ def _center(r: torch.Tensor, batch: dict, cfg: Any) -> torch.Tensor | float:
     return coef * (r[batch["list_index"] >= 0] ** 2).mean() if coef else 0.0
 
 
+@takes_example_weight
 def plackett_luce_list_loss(outputs: torch.Tensor, batch: dict, cfg: Any):
-    """Plackett–Luce (Breslow ties) on the lists of a list batch, plus ``center_rewards_coef * mean(r^2)``."""
+    """Plackett–Luce (Breslow ties) on the lists of a list batch, plus ``center_rewards_coef * mean(r^2)``;
+    ``batch["example_weight"]`` weighs each list."""
     r, rewards, mask, scores = _list_inputs(outputs, batch, cfg)
-    return plackett_luce_loss(rewards, scores, mask) + _center(r, batch, cfg), _list_stats(rewards, scores, mask)
+    return plackett_luce_loss(rewards, scores, mask, batch.get("example_weight")) + _center(r, batch, cfg), _list_stats(rewards, scores, mask)
 
 
+@takes_example_weight
 def listwise_bt_loss(outputs: torch.Tensor, batch: dict, cfg: Any):
-    """Bradley–Terry over each list's ordered pairs (``loss.gap_weight``), plus ``center_rewards_coef * mean(r^2)``."""
+    """Bradley–Terry over each list's ordered pairs (``loss.gap_weight``), plus ``center_rewards_coef * mean(r^2)``;
+    ``batch["example_weight"]`` weighs each list."""
     r, rewards, mask, scores = _list_inputs(outputs, batch, cfg)
-    loss = listwise_bradley_terry_loss(rewards, scores, mask, cfg.loss.gap_weight)
+    loss = listwise_bradley_terry_loss(rewards, scores, mask, cfg.loss.gap_weight, batch.get("example_weight"))
     return loss + _center(r, batch, cfg), _list_stats(rewards, scores, mask)
 
 
