@@ -326,29 +326,44 @@ def _read_json(path: str) -> Iterator[Row]:
         yield Row(DataError(f"{path}[{i}]: {problem}") if problem else record, path, i, False)
 
 
+PARQUET_BATCH_ROWS = 1024  # rows converted to Python objects at a time
+
+
 def _read_parquet(path: str) -> Iterator[Row]:
+    """The rows of a Parquet file, read in record batches: only one batch is ever Python objects."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if os.path.isdir(path):
         raise DataError(f"data file {path!r} is a directory; give the Parquet files in it (e.g. {os.path.join(path, '*.parquet')!r})")
     try:
-        if _is_gz(path):
-            import pyarrow as pa
-
-            table = pq.read_table(pa.BufferReader(_read_all_bytes(path)))
-        else:
-            table = pq.read_table(path)
+        # a gzip-compressed Parquet file is decompressed into memory (Parquet compresses its pages itself: prefer that)
+        parquet = pq.ParquetFile(pa.BufferReader(_read_all_bytes(path)) if _is_gz(path) else path)
+        names = parquet.schema_arrow.names
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise DataError(f"{path}: has more than one column named {twice[0]!r}; rename one")
+        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
+        first = 0
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            for i, row in enumerate(_parquet_rows(batch, names)):
+                yield Row(DataError(f"{path}[{first + i}]: {row}") if isinstance(row, str) else row, path, first + i, False)
+            first += batch.num_rows
     except DataError:
         raise
     except Exception as e:  # pyarrow raises several types for damaged files
         raise DataError(f"{path}: cannot read Parquet ({e})") from None
-    names = table.column_names
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise DataError(f"{path}: has more than one column named {twice[0]!r}; rename one")
+
+
+def _parquet_rows(batch, names: list[str]) -> list:
+    """The batch's rows as dicts; a row with a cell that cannot be read becomes a str saying why (the others are kept)."""
     columns: dict[str, list] = {}
     bad: dict[int, str] = {}  # row -> why it cannot be read
-    for name, col in zip(names, table.columns):
+    for name, col in zip(names, batch.columns):
         try:
             columns[name] = col.to_pylist()
             continue
@@ -365,11 +380,7 @@ def _read_parquet(path: str) -> Iterator[Row]:
                 values.append(None)
                 bad.setdefault(i, f"field {name!r} cannot be read ({type(e).__name__}: {e})")
         columns[name] = values
-    for i in range(table.num_rows):
-        if i in bad:
-            yield Row(DataError(f"{path}[{i}]: {bad[i]}"), path, i, False)
-        else:
-            yield Row({name: columns[name][i] for name in names}, path, i, False)
+    return [bad[i] if i in bad else {name: columns[name][i] for name in names} for i in range(batch.num_rows)]
 
 
 def _read_hf(source: str, split: str) -> Iterator[Row]:
