@@ -215,8 +215,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         # a run directory alone: its validation split (its validation files, or its held-out training prompts)
         import yaml
 
+        from rewardforge.config import source_path
+
         run_cfg = yaml.safe_load((Path(args.paths[0]) / "config.yaml").read_text())["data"]
-        args.data = list(run_cfg.get("validation") or run_cfg["train"])
+        args.data = [source_path(e) for e in run_cfg.get("validation") or run_cfg["train"]]
         validation_split = not run_cfg.get("validation")
         print(f"evaluating {args.paths[0]} on its validation split: "
               + (", ".join(args.data) if not validation_split else f"the held-out prompts of {', '.join(args.data)}"))
