@@ -247,3 +247,26 @@ def test_parquet_is_read_in_record_batches(tmp_path, monkeypatch):
     bad = [r for r in rest if isinstance(r.data, DataError)]
     assert [r.index for r in bad] == [57] and "p.parquet[57]: field 'chosen' is not valid UTF-8" in str(bad[0].data)
     assert rest[-1].index == 94 and rest[-1].data["chosen"] == "answer 94"
+
+
+def test_a_cached_load_does_not_hash_the_data_again_but_sees_any_change(tmp_path, tok, monkeypatch):
+    import time
+
+    monkeypatch.setattr(R, "_SETTLED_NS", -1)  # memoize at once (a real file is memoized once unchanged for 3 s)
+    f = write_jsonl(tmp_path / "pairs.jsonl", [r for r in _rows(60) if "rejected" in r])
+    cache = str(tmp_path / "cache")
+    build_dataset([str(f)], tok, kind="pairs", max_length=64, cache_dir=cache)
+    opened = []
+    real_open = open
+    monkeypatch.setattr(R, "open", lambda p, *a, **k: opened.append(str(p)) or real_open(p, *a, **k), raising=False)
+    assert build_dataset([str(f)], tok, kind="pairs", max_length=64, cache_dir=cache)[1].from_cache
+    assert str(f) not in opened  # the content hash came from the memo
+    # the same size, the old mtime put back: the ctime still changes, so the file is hashed again and misses
+    st = f.stat()
+    time.sleep(0.05)  # past the file system's timestamp tick
+    text = f.read_text()
+    f.write_text(text.replace("Go away.", "Go AWAY."))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_mtime_ns == st.st_mtime_ns
+    ds, rep = build_dataset([str(f)], tok, kind="pairs", max_length=64, cache_dir=cache)
+    assert not rep.from_cache and str(f) in opened

@@ -212,16 +212,17 @@ def _backend_parts(backend) -> list[bytes] | None:
 def _cache_path(cache_dir, entries: list["_Entry"], st: "_Settings", tokenizer) -> Path:
     """The cache entry of this build: a hash of the data's content, the entries and every setting that changes the output."""
     files = [f for e in entries for f in e.files]
+    root = Path(cache_dir or default_cache_dir())
     key = json.dumps(
         {
-            "v": CACHE_VERSION, "data": fingerprint_sources(files), "kind": st.kind, "fmt": st.fmt, "max_length": st.max_length,
+            "v": CACHE_VERSION, "data": fingerprint_sources(files, root / "fingerprints"), "kind": st.kind, "fmt": st.fmt, "max_length": st.max_length,
             "truncation": st.truncation, "attributes": st.attributes, "skip": st.skip_bad_rows, "field_map": st.field_map,
             "split": st.split, "tokenizer": tokenizer_fingerprint(tokenizer), "dedup": st.drop_duplicates,
             "entries": [[e.path, len(e.files), e.max_rows] for e in entries],
         },
         sort_keys=True,
     )
-    return Path(cache_dir or default_cache_dir()) / hashlib.sha256(key.encode()).hexdigest()[:32]
+    return root / hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 def _open_built(path: Path):

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -442,15 +443,18 @@ def _looks_like_hub_name(s: str) -> bool:
     return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and not Path(s).suffix
 
 
-def fingerprint_sources(sources: list[str]) -> str:
-    """A hash of the sources' contents (files) or names (hub datasets), for the tokenization cache."""
+def fingerprint_sources(sources: list[str], memo_dir: str | Path | None = None) -> str:
+    """A hash of the sources' contents (files) or names (hub datasets), for the tokenization cache.
+
+    With ``memo_dir``, a file's content hash is kept there under its path and ``os.stat`` stamp (size, mtime, ctime,
+    inode, device: any write changes ctime, even when mtime is set back), so a cached load does not read gigabytes
+    of data again; a file changed within the last seconds is hashed every time (a write could share its stamp).
+    """
     h = hashlib.sha256()
     for s in sources:
         h.update(s.encode())
         if os.path.isfile(s):
-            with open(s, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
+            h.update(_file_digest(s, Path(memo_dir) if memo_dir is not None else None))
         elif os.path.isdir(s):
             for p in sorted(Path(s).rglob("*")):
                 if p.is_file():
@@ -458,3 +462,33 @@ def fingerprint_sources(sources: list[str]) -> str:
                     h.update(str(p.stat().st_size).encode())
                     h.update(str(p.stat().st_mtime_ns).encode())
     return h.hexdigest()
+
+
+_SETTLED_NS = 3_000_000_000  # a file unchanged for this long has a stamp no later write can share
+
+
+def _file_digest(path: str, memo_dir: Path | None) -> bytes:
+    st = os.stat(path)
+    real = os.path.realpath(path)
+    stamp = [real, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    memo = memo_dir / f"{hashlib.sha256(real.encode()).hexdigest()[:32]}.json" if memo_dir is not None else None
+    if memo is not None:
+        try:
+            saved = json.loads(memo.read_text())
+            if saved["stamp"] == stamp:
+                return bytes.fromhex(saved["sha256"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    if memo is not None and time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLED_NS:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"stamp": stamp, "sha256": h.hexdigest()}))
+            os.replace(tmp, memo)
+        except OSError:  # a read-only cache: hash again next time
+            pass
+    return h.digest()
