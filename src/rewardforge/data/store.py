@@ -86,6 +86,16 @@ class _Column(Sequence):
         offsets, values, k = self._locate(int(i))
         return self._item(values, int(offsets[k]), int(offsets[k + 1]))
 
+    def __iter__(self):
+        if self._index is not None:
+            for i in range(len(self)):
+                yield self[i]
+            return
+        for offsets, values in self._parts:  # record batch by record batch, without locating each row
+            bounds = offsets.tolist()
+            for a, b in zip(bounds, bounds[1:]):
+                yield self._item(values, a, b)
+
     def lengths(self) -> np.ndarray:
         """Items per row (tokens of a sequence, bytes of a string), int64, in this column's order."""
         full = np.concatenate([np.diff(o) for o, _ in self._parts]) if self._parts else np.zeros(0, np.int64)
