@@ -223,6 +223,7 @@ def child_build(args) -> dict:
 def child_load(args) -> dict:
     t = time.perf_counter()
     from rewardforge.data.datasets import build_dataset, split_by_prompt
+    from rewardforge.data.readers import fingerprint_sources
 
     tok = load_tokenizer(args.backbone)
     setup_s = time.perf_counter() - t
@@ -233,7 +234,10 @@ def child_load(args) -> dict:
     t = time.perf_counter()
     train, val = split_by_prompt(ds, 0.1, seed=0)
     split_s = time.perf_counter() - t
-    return {"load_s": load_s, "split_s": split_s, "imports_and_tokenizer_s": setup_s, "from_cache": rep.from_cache,
+    t = time.perf_counter()
+    fingerprint_sources([args.file])  # what a load costs where the hashes are not memoized (a read-only cache_dir)
+    hash_s = time.perf_counter() - t
+    return {"load_s": load_s, "split_s": split_s, "hash_without_memo_s": hash_s, "imports_and_tokenizer_s": setup_s, "from_cache": rep.from_cache,
             "examples": len(ds), "train": len(train), "validation": len(val)}
 
 
@@ -357,12 +361,13 @@ def measure_scale(k: int, files: list[str], args, workdir: Path, lines: list[str
         f"all {tree.peak_procs} processes {tree.peak_pss / MB:,.0f} MiB (summed RSS {tree.peak_rss / MB:,.0f} MiB)")
     loads = [run_child("load", sub, [])[0] for _ in range(args.load_repeats)]
     out["cached"] = loads
-    later = loads[1:] or loads
+    runs = ", ".join(f"{x['load_s']:.2f}" for x in loads)
     lines.append(
-        f"  cached load in a new process: first {loads[0]['load_s']:.2f} s (hashes the data files, memoizes the hashes), "
-        f"later {statistics.median(l['load_s'] for l in later):.2f} s; then the validation split "
-        f"{statistics.median(l['split_s'] for l in loads):.2f} s ({loads[0]['train']:,} / {loads[0]['validation']:,}); "
-        f"imports + tokenizer before it {statistics.median(l['imports_and_tokenizer_s'] for l in loads):.1f} s")
+        f"  cached load in a new process ({len(loads)} runs): {statistics.median(x['load_s'] for x in loads):.2f} s "
+        f"(runs {runs} s; the data files' hashes come from the memo, hashing "
+        f"them again would add {statistics.median(x['hash_without_memo_s'] for x in loads):.2f} s); then the validation split "
+        f"{statistics.median(x['split_s'] for x in loads):.2f} s ({loads[0]['train']:,} / {loads[0]['validation']:,}); "
+        f"imports + tokenizer before it {statistics.median(x['imports_and_tokenizer_s'] for x in loads):.1f} s")
     ranks = run_share(sub)
     out["two_processes"] = ranks
     for r in ranks:
@@ -379,15 +384,15 @@ def measure_scale(k: int, files: list[str], args, workdir: Path, lines: list[str
 def goals(result: dict) -> dict:
     k = max(result["scales"], key=int)
     r = result["scales"][k]
-    later = r["cached"][1:] or r["cached"]
     worst_private = max(x["private_increase"] / x["pairs"] for x in r["two_processes"])
     return {
         "scale": f"x{k} ({r['pairs']:,} pairs)",
         "build_peak_rss_le_1.5GB": {"value_MiB": r["cold"]["maxrss_main"] / MB, "tree_pss_MiB": r["cold"]["peak_tree_pss"] / MB,
                                     "pass": max(r["cold"]["maxrss_main"], r["cold"]["peak_tree_pss"]) <= 1.5e9},
         "private_per_pair_le_1KB": {"value_B": worst_private, "pass": worst_private <= 1024},
-        "cached_load_le_5s": {"value_s": statistics.median(x["load_s"] for x in later),
-                              "first_s": r["cached"][0]["load_s"], "pass": statistics.median(x["load_s"] for x in later) <= 5},
+        "cached_load_le_5s": {"value_s": statistics.median(x["load_s"] for x in r["cached"]),
+                              "hash_s": statistics.median(x["hash_without_memo_s"] for x in r["cached"]),
+                              "pass": statistics.median(x["load_s"] for x in r["cached"]) <= 5},
         "cold_ge_2000_pairs_per_s": {"value": r["pairs"] / r["cold"]["seconds"], "pass": r["pairs"] / r["cold"]["seconds"] >= 2000},
     }
 
@@ -445,7 +450,7 @@ def main(argv=None) -> int:
             f"  {'PASS' if g['private_per_pair_le_1KB']['pass'] else 'FAIL'}  private data per training process <= 1 KB/pair: "
             f"{g['private_per_pair_le_1KB']['value_B']:,.0f} B/pair (the worse of the two processes)",
             f"  {'PASS' if g['cached_load_le_5s']['pass'] else 'FAIL'}  cached load <= 5 s: {g['cached_load_le_5s']['value_s']:.2f} s "
-            f"(the first load after writing the data, which hashes it: {g['cached_load_le_5s']['first_s']:.2f} s)",
+            f"(+{g['cached_load_le_5s']['hash_s']:.2f} s where the data files' hashes are not memoized)",
             f"  {'PASS' if g['cold_ge_2000_pairs_per_s']['pass'] else 'FAIL'}  cold build >= 2,000 pairs/s: "
             f"{g['cold_ge_2000_pairs_per_s']['value']:,.0f} pairs/s ({load()} now: other work on the machine slows every timing)"]
     print("\n".join(tail))
