@@ -60,6 +60,7 @@ def load_tokenizer(backbone: str):
 def stage_breakdown(files: list[str], tok, max_length: int, truncation: str) -> dict[str, float]:
     """The cold path of build_dataset, stage by stage (same functions, same order)."""
     import numpy as np
+    import pyarrow as pa
 
     from rewardforge.data import datasets as D
     from rewardforge.data.formats import ParseReport, parse_rows
@@ -90,7 +91,7 @@ def stage_breakdown(files: list[str], tok, max_length: int, truncation: str) -> 
             continue
         texts += (a, c)
         starts += (b, d)
-        keys.append(D._prompt_key(a[:b]))
+        keys.append(D.prompt_key(a[:b]))
     out["render (chat template) + prompt keys"] = time.perf_counter() - t
 
     stats = TruncationStats()
@@ -105,15 +106,24 @@ def stage_breakdown(files: list[str], tok, max_length: int, truncation: str) -> 
         backend.encode_batch(texts, add_special_tokens=True)
         out["  (for scale: Rust encode_batch, all texts whole)"] = time.perf_counter() - t
 
-    ds = D.PairDataset(ids_c, ids_r, np.full(len(ids_c), np.nan, np.float32), keys, [{} for _ in ids_c])
+    from rewardforge.data.store import TableWriter, open_table, text_array, token_array
+
     tmp = Path(tempfile.mkdtemp(prefix="rf-prep-stage-"))
     try:
         t = time.perf_counter()
-        D._save_cache(tmp / "x.npz", ds, D.DataReport())
-        out["write cache (np.savez)"] = time.perf_counter() - t
+        n = len(ids_c)
+        lengths = [np.array([len(x) for x in side], np.int64) for side in (ids_c, ids_r)]
+        batch = pa.record_batch([token_array(np.concatenate(ids_c), lengths[0]), token_array(np.concatenate(ids_r), lengths[1]),
+                                 pa.array(np.full(n, np.nan, np.float32)), text_array(keys), text_array(["{}"] * n),
+                                 pa.array(np.zeros(n, np.int32))], schema=D.PairDataset.SCHEMA)
+        with TableWriter(tmp / "x", D.PairDataset.SCHEMA) as writer:
+            writer.write(batch)
+            writer.finish({"kind": "pairs", "attributes": [], "report": D.DataReport(examples=n).as_dict()})
+        out["write cache (Arrow IPC file)"] = time.perf_counter() - t
         t = time.perf_counter()
-        D._load_cache(tmp / "x.npz")
-        out["read cache (np.load + split)"] = time.perf_counter() - t
+        table, meta = open_table(tmp / "x")
+        D.PairDataset.from_table(table, meta).lengths()
+        out["read cache (memory-map the Arrow file, lengths)"] = time.perf_counter() - t
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

@@ -244,3 +244,49 @@ def test_an_unknown_key_lists_only_its_sections_keys():
     msg = str(e.value)
     assert "did you mean 'train.batch_size'?" in msg and "Keys of train: train.epochs" in msg
     assert "data.max_length" not in msg and "model." not in msg
+
+
+# ------------------------------------------------------------------ data entries with weights (data.train mappings)
+
+
+def test_data_entries_are_paths_or_mappings_from_yaml_and_overrides(tmp_path):
+    from rewardforge.config import DataSource
+
+    p = write(tmp_path, "data:\n  train:\n    - a.jsonl\n    - {path: b.jsonl, weight: 2, max_rows: 100}\n    - path: c.jsonl\n      weight: 0.5\n")
+    with pytest.raises(ConfigError, match=r"data\.train\[0\] has no weight but data\.train\[1\] has one"):
+        load_config(p)  # weights on every entry or on none
+    p = write(tmp_path, "data:\n  train:\n    - {path: b.jsonl, weight: 2, max_rows: 100}\n    - path: c.jsonl\n      weight: 0.5\n")
+    assert load_config(p).data.train == [DataSource("b.jsonl", weight=2.0, max_rows=100), DataSource("c.jsonl", weight=0.5)]
+    cfg = load_config(None, ["data.train=[a.jsonl, {path: b.jsonl, fraction: 0.25, max_rows: 10}]", "data.num_proc=2"])
+    assert cfg.data.train == ["a.jsonl", DataSource("b.jsonl", fraction=0.25, max_rows=10)] and cfg.data.num_proc == 2
+    assert str(cfg.data.train[1]) == "b.jsonl"
+    assert cfg.to_dict()["data"]["train"] == ["a.jsonl", {"path": "b.jsonl", "fraction": 0.25, "max_rows": 10}]
+    assert config_from_dict(cfg.to_dict()) == cfg
+    assert load_config(None, ["data.train={path: a.jsonl, max_rows: 5}"]).data.train == [DataSource("a.jsonl", max_rows=5)]
+    assert load_config(None).data.num_proc is None  # one per core
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["data.train=[{path: a.jsonl, wieght: 2}]"],
+         r"unknown config key 'data\.train\[0\]\.wieght'; did you mean 'weight'\? An entry takes path, weight, fraction, max_rows"),
+        (["data.train=[{weight: 2}]"], r"data\.train\[0\] has no path; give one, e\.g\. \{path: pairs\.jsonl, weight: 2\}"),
+        (["data.train=[{path: a.jsonl, weight: 0}]"], r"data\.train\[0\]\.weight must be a finite number > 0, got 0\.0"),
+        (["data.train=[{path: a.jsonl, weight: heavy}]"], r"data\.train\[0\]\.weight expects a number, got 'heavy'"),
+        (["data.train=[{path: a.jsonl, fraction: 1.5}]"], r"data\.train\[0\]\.fraction must be in \(0, 1\], got 1\.5; to repeat"),
+        (["data.train=[{path: a.jsonl, max_rows: 0}]"], r"data\.train\[0\]\.max_rows must be > 0, got 0"),
+        (["data.train=[{path: a.jsonl, max_rows: 2.5}]"], r"data\.train\[0\]\.max_rows expects an integer, got 2\.5"),
+        (["data.train=[{path: a.jsonl, weight: 1}, b.jsonl]"],
+         r"data\.train\[1\] has no weight but data\.train\[0\] has one; .* give every entry a weight \(e\.g\. \{path: b\.jsonl, weight: 1\}\) or none"),
+        (["data.train=[{path: a.jsonl, weight: 1, fraction: 0.5}, {path: b.jsonl, weight: 1}]"],
+         r"data\.train\[0\]\.fraction with weights on data\.train: choose one"),
+        (["data.validation=[{path: v.jsonl, fraction: 0.5}]"],
+         r"data\.validation\[0\]\.fraction: validation data is never weighted .* remove fraction \(max_rows is allowed\)"),
+        (["data.train=7"], r"data\.train expects a list of paths or \{path: \.\.\.\} mappings, got 7"),
+        (["data.num_proc=-1"], r"data\.num_proc must be >= 0 \(0 or 1: one process\) or null \(one per core\), got -1"),
+    ],
+)
+def test_bad_data_entries_fail_at_load_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)

@@ -220,11 +220,11 @@ def test_cache_hit_returns_identical_arrays(tmp_path, bert_tok, cache_dir):
     assert ds2.extra == ds1.extra and ds2.prompt_keys == ds1.prompt_keys
     for key in ("rows_read", "examples", "excluded", "truncation", "skipped_bad_rows"):
         assert getattr(r2, key) == getattr(r1, key)
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    assert len(list((tmp_path / "cache").glob("*/data.arrow"))) == 1  # one entry: the mapped Arrow file and its report
 
     # another max_length is another entry
     _, r3 = build_dataset([str(f)], bert_tok, kind="pairs", max_length=MAX + 8, cache_dir=cache_dir)
-    assert r3.from_cache is False and len(list((tmp_path / "cache").glob("*.npz"))) == 2
+    assert r3.from_cache is False and len(list((tmp_path / "cache").glob("*/data.arrow"))) == 2
     assert r3.truncation != r1.truncation
     # other truncation mode, too
     assert build_dataset([str(f)], bert_tok, kind="pairs", max_length=MAX, truncation="response_right", cache_dir=cache_dir)[1].from_cache is False
@@ -237,11 +237,12 @@ def test_cache_hit_returns_identical_arrays(tmp_path, bert_tok, cache_dir):
 def test_damaged_cache_entry_is_rebuilt(tmp_path, bert_tok, cache_dir):
     f = write_jsonl(tmp_path / "t.jsonl", ROWS)
     ds1, _ = build_dataset([str(f)], bert_tok, kind="pairs", max_length=MAX, cache_dir=cache_dir)
-    (entry,) = (tmp_path / "cache").glob("*.npz")
+    before = [a.copy() for a in ds1.chosen]  # ds1 maps the file that is overwritten in place below
+    (entry,) = (tmp_path / "cache").glob("*/data.arrow")
     entry.write_bytes(b"garbage")
     ds2, r2 = build_dataset([str(f)], bert_tok, kind="pairs", max_length=MAX, cache_dir=cache_dir)
     assert r2.from_cache is False
-    for a, b in zip(ds1.chosen, ds2.chosen):
+    for a, b in zip(before, ds2.chosen):
         np.testing.assert_array_equal(a, b)
     assert build_dataset([str(f)], bert_tok, kind="pairs", max_length=MAX, cache_dir=cache_dir)[1].from_cache is True
 

@@ -218,10 +218,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.data and len(args.paths) == 1 and (Path(args.paths[0]) / "config.yaml").is_file() \
             and (Path(args.paths[0]) / "model" / "rewardforge.json").is_file():
         # a run directory alone: its validation split (its validation files, or its held-out training prompts)
-        from rewardforge.config import read_config_file
+        from rewardforge.config import read_config_file, source_path
 
         run_cfg = read_config_file(args.paths[0])["data"]
-        args.data = list(run_cfg.get("validation") or run_cfg["train"])
+        args.data = [source_path(e) for e in run_cfg.get("validation") or run_cfg["train"]]
         validation_split = not run_cfg.get("validation")
         print(f"evaluating {args.paths[0]} on its validation split: "
               + (", ".join(args.data) if not validation_split else f"the held-out prompts of {', '.join(args.data)}"))

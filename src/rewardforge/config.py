@@ -56,9 +56,30 @@ class ModelConfig:
 
 
 @dataclass
+class DataSource:
+    """An entry of ``data.train`` / ``data.validation`` given as a mapping; its keys are documented in ``data.train``'s help."""
+
+    path: str = ""
+    weight: float | None = None
+    fraction: float | None = None
+    max_rows: int | None = None
+
+    def __str__(self) -> str:
+        return self.path
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def source_path(entry: "str | DataSource | dict") -> str:
+    """The path of a data entry (a path, a :class:`DataSource` or its mapping as a saved config holds it)."""
+    return str(entry.get("path", "")) if isinstance(entry, dict) else str(entry)
+
+
+@dataclass
 class DataConfig:
-    train: list[str] = _f([], "Training data: files (.jsonl/.json/.parquet, optionally .gz), globs, dataset dirs or hub names.")
-    validation: list[str] = _f([], "Validation data; if empty, validation_fraction of train is held out by prompt hash.")
+    train: list[str | DataSource] = _f([], "Training data: entries, each a path (.jsonl/.json/.parquet file, optionally .gz, a glob, a saved dataset directory or a hub name) or a mapping {path: P, weight: W or fraction: F, max_rows: N}. max_rows: read only the entry's first N rows (reading stops there). fraction (0 < F <= 1): train on a random F of the entry's training examples. weight (> 0, on every entry or on none; not with fraction): the training examples are mixed so that each entry supplies W / (sum of the weights) of them, as many in all as the entries hold together: an entry with more than its share gives a random subset, one with less is repeated (whole copies, then a random part). Random choices are fixed by train.seed. Weights and fractions apply to training examples only: the validation split is made first (by prompt hash) and never weighted. Rows read and examples taken per entry are in the data report and summary.json.")
+    validation: list[str | DataSource] = _f([], "Validation data (entries as in data.train; only max_rows applies: validation is never weighted); if empty, validation_fraction of train is held out by prompt hash.")
     validation_fraction: float = _f(0.1, "Fraction of train prompts held out for validation when data.validation is empty.")
     field_map: dict[str, str] = _f({}, "Rename columns to rewardforge's names, e.g. {prompt: source, response: system_output, labels: scores}.")
     format: str = _f("auto", "Row format: auto, explicit, implicit_prompt, conversational, nemo_comparison, regression, nemo_regression.")
@@ -68,7 +89,8 @@ class DataConfig:
     template: str = _f("auto", "auto: the tokenizer's chat template if it has one, else 'plain' (Human:/Assistant: turns).")
     skip_bad_rows: bool = _f(False, "Skip and count malformed rows instead of stopping with an error.")
     drop_duplicates: bool = _f(True, "Exclude (and count as duplicate_pairs) a pair whose rendered chosen and rejected texts repeat an earlier pair's; false keeps them, each weighted again.")
-    cache_dir: str = _f("", "Where tokenized data is cached (default: ~/.cache/rewardforge). 'none' disables the cache.")
+    cache_dir: str = _f("", "Where tokenized data is cached (default: ~/.cache/rewardforge): one memory-mapped Arrow file per dataset, built by the main process and mapped by the others, which share its pages. 'none' disables the cache (each process then builds its own copy in a temporary file).")
+    num_proc: int | None = _f(None, "Processes that tokenize a cold build (null, the default: one per CPU core this process may use; 0 or 1: the building process alone, where the Rust tokenizer's own threads use the cores). The dataset is byte for byte the same whatever the number; a dataset of one chunk (4,096 examples) is always tokenized in the building process.")
     group_by_length: bool = _f(True, "Batch sequences of similar length together so padding stays small.")
     group_by: str = _f("", "Listwise only: group per-response rated rows (format regression, e.g. Topical-Chat) into one list per value of this field (after data.field_map, e.g. prompt or a dialogue id), scored by the label data.score_label; empty: every row is a list already ({prompt, responses, scores | ranking | best}).")
     score_label: str = _f("", "Listwise with data.group_by: the label of the rated rows that scores a response within its list (e.g. overall); higher is better, equal values are ties.")
@@ -138,7 +160,10 @@ class Config:
         validate(self)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        for name in ("train", "validation"):  # an entry as written: a path, or a mapping of the keys it sets
+            out["data"][name] = [e.to_dict() if isinstance(e, DataSource) else e for e in getattr(self.data, name)]
+        return out
 
 
 TRACKERS = ("tensorboard", "wandb", "mlflow", "none")
@@ -210,6 +235,42 @@ def validate(cfg: Config) -> None:
                           "choose one: set model.ensemble_bootstrap=poisson or model.ensemble_init=independent")
     if len(set(cfg.model.attributes)) != len(cfg.model.attributes):
         raise ConfigError(f"model.attributes has duplicate names: {cfg.model.attributes}")
+    if cfg.data.num_proc is not None and cfg.data.num_proc < 0:
+        raise ConfigError(f"data.num_proc must be >= 0 (0 or 1: one process) or null (one per core), got {cfg.data.num_proc}")
+    _validate_sources(cfg.data)
+
+
+def _validate_sources(data: DataConfig) -> None:
+    """The mapping entries of data.train / data.validation: values in range, weights on all entries or none."""
+    for name in ("train", "validation"):
+        for i, e in enumerate(getattr(data, name)):
+            if not isinstance(e, DataSource):
+                continue
+            key = f"data.{name}[{i}]"
+            if not e.path:
+                raise ConfigError(f"{key} has no path; give one, e.g. {{path: pairs.jsonl, weight: 2}}")
+            if e.weight is not None and not 0.0 < e.weight < float("inf"):
+                raise ConfigError(f"{key}.weight must be a finite number > 0, got {e.weight}; to leave an entry out, remove it")
+            if e.fraction is not None and not 0.0 < e.fraction <= 1.0:
+                raise ConfigError(f"{key}.fraction must be in (0, 1], got {e.fraction}; to repeat an entry's examples, give every entry a weight")
+            if e.max_rows is not None and e.max_rows <= 0:
+                raise ConfigError(f"{key}.max_rows must be > 0, got {e.max_rows}")
+            if name == "validation" and (e.weight is not None or e.fraction is not None):
+                what = "weight" if e.weight is not None else "fraction"
+                raise ConfigError(f"{key}.{what}: validation data is never weighted (each example counts once); remove {what} "
+                                  "(max_rows is allowed)")
+    weighted = [i for i, e in enumerate(data.train) if isinstance(e, DataSource) and e.weight is not None]
+    if weighted:
+        unweighted = [i for i in range(len(data.train)) if i not in weighted]
+        if unweighted:
+            raise ConfigError(
+                f"data.train[{unweighted[0]}] has no weight but data.train[{weighted[0]}] has one; weights set each entry's "
+                f"share of the mixture: give every entry a weight (e.g. {{path: {source_path(data.train[unweighted[0]])}, weight: 1}}) or none"
+            )
+        fraction = next((i for i, e in enumerate(data.train) if e.fraction is not None), None)
+        if fraction is not None:
+            raise ConfigError(f"data.train[{fraction}].fraction with weights on data.train: choose one (weights set each "
+                              "entry's share of the mixture; fraction takes part of one entry)")
 
 
 # ---------------------------------------------------------------- loading
@@ -229,11 +290,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if DataSource in args:
+            return value if isinstance(value, DataSource) else _data_source(value, key) if isinstance(value, dict) else _coerce(value, str, key)
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         return _coerce(value, args[0], key)
     if origin is list:
         (inner,) = typing.get_args(tp)
+        if typing.get_origin(inner) in (typing.Union, types.UnionType) and DataSource in typing.get_args(inner):
+            if isinstance(value, (dict, DataSource)):
+                value = [value]
+            elif not isinstance(value, (list, tuple, str)):
+                raise ConfigError(f"{key} expects a list of paths or {{path: ...}} mappings, got {value!r}")
+            if isinstance(value, (list, tuple)):
+                return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
         if isinstance(value, str):
             text = value.strip()
             if text.startswith("["):
@@ -275,6 +345,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key} expects a string, got {value!r}")
         return str(value)
     return value
+
+
+def _data_source(value: dict, key: str) -> DataSource:
+    """A mapping entry of data.train / data.validation; unknown keys are errors naming the key."""
+    hints = typing.get_type_hints(DataSource)
+    for k in value:
+        if k not in hints:
+            close = difflib.get_close_matches(str(k), list(hints), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key '{key}.{k}'{hint} An entry takes {', '.join(hints)}, "
+                              "e.g. {path: pairs.jsonl, weight: 2}")
+    if "path" not in value:
+        raise ConfigError(f"{key} has no path; give one, e.g. {{path: pairs.jsonl, weight: 2}}")
+    return DataSource(**{k: _coerce(v, hints[k], f"{key}.{k}") for k, v in value.items()})
 
 
 # Names TRL / transformers' TrainingArguments (and OpenRLHF) use, and what rewardforge calls them.

@@ -216,7 +216,7 @@ class ResolvedType:
         return build_dataset(
             sources, tokenizer, kind=self.data.name, fmt=d.format, max_length=d.max_length, truncation=d.truncation,
             attributes=list(cfg.model.attributes), skip_bad_rows=d.skip_bad_rows, field_map=dict(d.field_map),
-            split=d.split, cache_dir=d.cache_dir or None, drop_duplicates=d.drop_duplicates,
+            split=d.split, cache_dir=d.cache_dir or None, drop_duplicates=d.drop_duplicates, num_proc=d.num_proc,
         )
 
     def mean_predictions(self, pred: dict) -> dict:

@@ -34,6 +34,7 @@ from rewardforge.training.checkpoint import (
 from rewardforge.config import Config, ConfigError, config_from_dict, ensure_writable_dir, write_config
 from rewardforge.data.batching import BatchSampler
 from rewardforge.data.datasets import show_progress, split_by_prompt
+from rewardforge.data.mixing import describe_sources, mix_sources
 from rewardforge.data.readers import DataError
 from rewardforge.data.template import setup_template
 from rewardforge.training.distributed import (
@@ -144,6 +145,8 @@ def load_data(cfg: Config, rtype: ResolvedType, tokenizer):
     else:
         train, val = split_by_prompt(train_all, cfg.data.validation_fraction, seed=0)
         reports["validation"] = {"split_from_train": True, "fraction": cfg.data.validation_fraction}
+    # data.train's weights and fractions: training examples only, after the split (validation is never weighted)
+    train, reports["train"]["per_source"] = mix_sources(train, cfg.data.train, cfg.train.seed, train_report.per_source)
     reports["train_examples"], reports["validation_examples"] = len(train), len(val)
     if len(train) == 0:
         r = train_report.as_dict()
@@ -708,7 +711,7 @@ def export_run(run: Run, out_dir: str | Path | None = None, pred: dict[str, Any]
             save_adapter=cfg.model.lora_save_adapter, ensemble=run.rtype.ensemble_metadata(cfg),
             prompt_fingerprint=prompt_fingerprint(run.train_data.prompt_keys, run.val_data.prompt_keys),
             card_info={"validation": run.rtype.metrics(pred) if pred else None,
-                       "data": run.data_reports, "sources": list(cfg.data.train)},
+                       "data": run.data_reports, "sources": [str(e) for e in cfg.data.train]},
         )
     run.accelerator.wait_for_everyone()
     return path, stats
@@ -821,6 +824,8 @@ def _print_data(run: Run) -> None:
         f"bad rows skipped {tr['skipped_bad_rows']}; truncated sequences: prompt {tr['truncation'].get('truncated_prompt', 0)}, "
         f"response {tr['truncation'].get('truncated_response', 0)}"
     )
+    for line in describe_sources(tr.get("per_source") or []):
+        print(line)
     formats = sorted(set((tr.get("formats") or {}).values()))
     if formats:
         print(f"data format: {', '.join(formats)}")

@@ -1,8 +1,11 @@
 """Build tokenized datasets: read -> parse -> render -> tokenize/truncate -> exclude -> split.
 
 Every row that does not become a training example is counted by reason in a :class:`DataReport`;
-nothing is dropped silently. Tokenized data is cached on disk, keyed by the data's content, the
-tokenizer, the template, the format and the truncation settings.
+nothing is dropped silently. The build streams: rows are read, parsed and rendered a chunk at a time
+(:data:`CHUNK_EXAMPLES`), tokenized here or in ``num_proc`` worker processes, and written as record batches
+to a memory-mapped Arrow file (:mod:`rewardforge.data.store`), so no stage holds all rows. The file is the
+on-disk cache, keyed by the data's content, the tokenizer, the template, the format and the truncation settings:
+built once by the main process, mapped by the others, which share its pages.
 """
 
 from __future__ import annotations
@@ -10,24 +13,34 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
+import itertools
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from rewardforge.data.formats import ParseReport, PreferencePair, RatedResponse, parse_rows
-from rewardforge.data.readers import DataError, expand_sources, fingerprint_sources, read_rows
 from rewardforge.data.inputs import InputFormat
+from rewardforge.data.readers import DataError, expand_sources, fingerprint_sources, read_rows
+from rewardforge.data.store import (
+    FLOATS, TOKENS, JSONColumn, TableWriter, TextColumn, TokenColumn, float_matrix, float_rows, numbers, open_table,
+    text_array, token_array,
+)
 from rewardforge.data.template import TextRenderer
-from rewardforge.data.tokenize import TruncationStats, tokenize_texts
+from rewardforge.data.tokenize import ChunkTokenizer, TruncationStats, add_stats
 
-CACHE_VERSION = 2  # 2: truncation keeps the template's end-of-turn suffix (InputFormat.ends)
+# 3: memory-mapped Arrow entries (a directory: data.arrow + report.json) with each example's source;
+# 2: truncation keeps the template's end-of-turn suffix (InputFormat.ends)
+CACHE_VERSION = 3
+CHUNK_EXAMPLES = 4096  # examples read, rendered and tokenized together (the same chunks whatever num_proc)
 
 
 @dataclass
@@ -42,6 +55,10 @@ class DataReport:
     excluded: dict[str, int] = field(default_factory=dict)
     truncation: dict[str, int] = field(default_factory=dict)
     formats: dict[str, str] = field(default_factory=dict)  # each source's row format (detected or data.format)
+    # one record per data entry: source (path or glob), files, rows_read, examples (+ max_rows when set; training
+    # adds train_examples and taken: what mixing took of it, rewardforge.data.mixing)
+    per_source: list[dict[str, Any]] = field(default_factory=list)
+    processes: int = 1  # processes that tokenized (1: the building process)
     from_cache: bool = False
     seconds: float = 0.0
 
@@ -52,14 +69,35 @@ class DataReport:
         return dict(self.__dict__)
 
 
+def _tokens(x) -> TokenColumn:
+    return x if isinstance(x, TokenColumn) else TokenColumn.from_arrays(x)
+
+
+def _texts(x) -> TextColumn:
+    return x if isinstance(x, TextColumn) else TextColumn.from_strings(x)
+
+
+def _objects(x) -> JSONColumn:
+    return x if isinstance(x, JSONColumn) else JSONColumn.from_objects(json_safe(e) for e in x)
+
+
+def _sources(source, n: int) -> np.ndarray:
+    return np.zeros(n, np.int32) if source is None else np.asarray(source, np.int32)
+
+
 class PairDataset(torch.utils.data.Dataset):
-    """Tokenized preference pairs. Item: chosen/rejected token ids, margin (nan if none), index."""
+    """Tokenized preference pairs. Item: chosen/rejected token ids (read-only int32 arrays), margin (nan if none), index.
+
+    ``chosen``/``rejected`` are :class:`~rewardforge.data.store.TokenColumn` sequences over (memory-mapped) Arrow
+    buffers, ``prompt_keys``/``extra`` sequences of str/dict, ``margin`` and ``source`` (the data entry each pair
+    came from) numpy arrays. Lists work too: ``PairDataset([ids...], [ids...], margins, keys, extras)``.
+    """
 
     kind = "pairs"
 
-    def __init__(self, chosen: list[np.ndarray], rejected: list[np.ndarray], margin: np.ndarray, prompt_keys: list[str], extra: list[dict]):
-        self.chosen, self.rejected, self.margin = chosen, rejected, np.asarray(margin, dtype=np.float32)
-        self.prompt_keys, self.extra = prompt_keys, extra
+    def __init__(self, chosen, rejected, margin, prompt_keys, extra, source=None):
+        self.chosen, self.rejected, self.margin = _tokens(chosen), _tokens(rejected), np.asarray(margin, dtype=np.float32)
+        self.prompt_keys, self.extra, self.source = _texts(prompt_keys), _objects(extra), _sources(source, len(self.chosen))
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -69,27 +107,33 @@ class PairDataset(torch.utils.data.Dataset):
 
     def lengths(self) -> np.ndarray:
         """Tokens a pair costs in a padded batch: both sides are padded to the longer one."""
-        return np.array([2 * max(len(c), len(r)) for c, r in zip(self.chosen, self.rejected)], dtype=np.int64)
+        return 2 * np.maximum(self.chosen.lengths(), self.rejected.lengths())
 
-    def subset(self, idx: list[int]) -> "PairDataset":
-        return PairDataset([self.chosen[i] for i in idx], [self.rejected[i] for i in idx], self.margin[idx], [self.prompt_keys[i] for i in idx], [self.extra[i] for i in idx])
+    def subset(self, idx) -> "PairDataset":
+        """The pairs ``idx`` (repeats allowed): views of the same buffers through an index array, no copy of the data."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return PairDataset(self.chosen.take(idx), self.rejected.take(idx), self.margin[idx], self.prompt_keys.take(idx),
+                           self.extra.take(idx), self.source[idx])
 
-    def _columns(self):
-        return {"chosen": self.chosen, "rejected": self.rejected}, {"margin": self.margin}
+    SCHEMA = pa.schema([("chosen", TOKENS), ("rejected", TOKENS), ("margin", pa.float32()), ("prompt_key", pa.large_string()),
+                        ("extra", pa.large_string()), ("source", pa.int32())])
 
     @classmethod
-    def _from_columns(cls, seqs, arrays, meta):
-        return cls(seqs["chosen"], seqs["rejected"], arrays["margin"], meta["prompt_keys"], meta["extra"])
+    def from_table(cls, table: pa.Table, meta: dict[str, Any]) -> "PairDataset":
+        return cls(TokenColumn._of(table["chosen"]), TokenColumn._of(table["rejected"]), numbers(table["margin"], np.float32),
+                   TextColumn._of(table["prompt_key"]), JSONColumn._of(table["extra"]), numbers(table["source"], np.int32))
 
 
 class RatedDataset(torch.utils.data.Dataset):
-    """Tokenized rated responses. Item: token ids and labels (nan where missing)."""
+    """Tokenized rated responses. Item: token ids (a read-only int32 array) and labels (nan where missing)."""
 
     kind = "rated"
 
-    def __init__(self, ids: list[np.ndarray], labels: np.ndarray, prompt_keys: list[str], extra: list[dict], attributes: list[str]):
-        self.ids, self.labels = ids, np.asarray(labels, dtype=np.float32).reshape(len(ids), len(attributes))
-        self.prompt_keys, self.extra, self.attributes = prompt_keys, extra, attributes
+    def __init__(self, ids, labels, prompt_keys, extra, attributes: list[str], source=None):
+        self.ids = _tokens(ids)
+        self.labels = np.asarray(labels, dtype=np.float32).reshape(len(self.ids), len(attributes))
+        self.prompt_keys, self.extra, self.attributes = _texts(prompt_keys), _objects(extra), attributes
+        self.source = _sources(source, len(self.ids))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -98,17 +142,26 @@ class RatedDataset(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.labels[i], "index": i}
 
     def lengths(self) -> np.ndarray:
-        return np.array([len(x) for x in self.ids], dtype=np.int64)
+        return self.ids.lengths()
 
-    def subset(self, idx: list[int]) -> "RatedDataset":
-        return RatedDataset([self.ids[i] for i in idx], self.labels[idx], [self.prompt_keys[i] for i in idx], [self.extra[i] for i in idx], self.attributes)
+    def subset(self, idx) -> "RatedDataset":
+        """The responses ``idx`` (repeats allowed), sharing the same buffers."""
+        idx = np.asarray(idx, dtype=np.int64)
+        return RatedDataset(self.ids.take(idx), self.labels[idx], self.prompt_keys.take(idx), self.extra.take(idx),
+                            self.attributes, self.source[idx])
 
-    def _columns(self):
-        return {"input_ids": self.ids}, {"labels": self.labels}
+    SCHEMA = pa.schema([("input_ids", TOKENS), ("labels", FLOATS), ("prompt_key", pa.large_string()),
+                        ("extra", pa.large_string()), ("source", pa.int32())])
 
     @classmethod
-    def _from_columns(cls, seqs, arrays, meta):
-        return cls(seqs["input_ids"], arrays["labels"], meta["prompt_keys"], meta["extra"], meta["attributes"])
+    def from_table(cls, table: pa.Table, meta: dict[str, Any]) -> "RatedDataset":
+        attributes = list(meta["attributes"])
+        return cls(TokenColumn._of(table["input_ids"]), float_matrix(table["labels"], len(attributes)),
+                   TextColumn._of(table["prompt_key"]), JSONColumn._of(table["extra"]), attributes,
+                   numbers(table["source"], np.int32))
+
+
+_KINDS = {"pairs": PairDataset, "rated": RatedDataset}
 
 
 # ------------------------------------------------------------------ cache
@@ -156,44 +209,32 @@ def _backend_parts(backend) -> list[bytes] | None:
         return None
 
 
-def _save_cache(path: Path, ds, report: DataReport) -> None:
-    seqs, arrays = ds._columns()
-    flat: dict[str, np.ndarray] = {}
-    for name, col in seqs.items():
-        lengths = np.array([len(x) for x in col], dtype=np.int64)
-        flat[f"seq_{name}_ids"] = np.concatenate(col) if col else np.zeros(0, np.int32)
-        flat[f"seq_{name}_len"] = lengths
-    for name, arr in arrays.items():
-        flat[f"arr_{name}"] = arr
-    meta = {"kind": ds.kind, "prompt_keys": ds.prompt_keys, "extra": ds.extra, "report": report.as_dict()}
-    if ds.kind == "rated":
-        meta["attributes"] = ds.attributes
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        np.savez(fh, **flat, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
-    os.replace(tmp, path)
+def _cache_path(cache_dir, entries: list["_Entry"], st: "_Settings", tokenizer) -> Path:
+    """The cache entry of this build: a hash of the data's content, the entries and every setting that changes the output."""
+    files = [f for e in entries for f in e.files]
+    root = Path(cache_dir or default_cache_dir())
+    key = json.dumps(
+        {
+            "v": CACHE_VERSION, "data": fingerprint_sources(files, root / "fingerprints"), "kind": st.kind, "fmt": st.fmt, "max_length": st.max_length,
+            "truncation": st.truncation, "attributes": st.attributes, "skip": st.skip_bad_rows, "field_map": st.field_map,
+            "split": st.split, "tokenizer": tokenizer_fingerprint(tokenizer), "dedup": st.drop_duplicates,
+            "entries": [[e.path, len(e.files), e.max_rows] for e in entries],
+        },
+        sort_keys=True,
+    )
+    return root / hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-def _load_cache(path: Path):
-    with np.load(path) as z:
-        meta = json.loads(z["meta"].tobytes().decode())
-        seqs, arrays = {}, {}
-        for key in z.files:
-            if key.startswith("seq_") and key.endswith("_ids"):
-                name = key[4:-4]
-                flat, lengths = z[key], z[f"seq_{name}_len"]
-                ends = np.cumsum(lengths).tolist()
-                seqs[name] = [flat[e - n : e] for e, n in zip(ends, lengths.tolist())]  # views, as np.split gives
-            elif key.startswith("arr_"):
-                arrays[key[4:]] = z[key]
-    cls = PairDataset if meta["kind"] == "pairs" else RatedDataset
-    report = DataReport(**meta["report"])
-    report.from_cache = True
-    return cls._from_columns(seqs, arrays, meta), report
-
-
-# ------------------------------------------------------------------ building
+def _open_built(path: Path):
+    """(dataset, report) of a complete entry, mapped; a damaged entry is removed (and rebuilt), never trusted."""
+    try:
+        table, meta = open_table(path)
+        if table.num_rows != meta["report"]["examples"] or meta["kind"] not in _KINDS:
+            raise ValueError("row count does not match the report")
+        return _KINDS[meta["kind"]].from_table(table, meta), DataReport(**meta["report"])
+    except Exception:  # noqa: BLE001 - any unreadable entry is rebuilt
+        shutil.rmtree(path, ignore_errors=True)
+        return None
 
 
 _PROGRESS: "contextvars.ContextVar[bool]" = contextvars.ContextVar("rewardforge_data_progress", default=False)
@@ -209,7 +250,8 @@ def show_progress(on: bool = True):
         _PROGRESS.reset(token)
 
 
-def _bar(total: int | None, desc: str, unit: str):
+def progress_bar(total: int | None, desc: str, unit: str):
+    """A tqdm bar for a data phase, shown while :func:`show_progress` is on (one bar per phase that takes time)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, disable=not _PROGRESS.get(), leave=False, dynamic_ncols=True,
@@ -224,7 +266,8 @@ def prompt_key(text: str) -> str:
 _prompt_key = prompt_key
 
 
-def _json_safe(extra: dict) -> dict:
+def json_safe(extra: dict) -> dict:
+    """``extra`` as JSON can hold it (values JSON cannot hold become their repr)."""
     try:
         json.dumps(extra)
         return extra
@@ -232,8 +275,58 @@ def _json_safe(extra: dict) -> dict:
         return {k: v if isinstance(v, (str, int, float, bool, type(None))) else repr(v) for k, v in extra.items()}
 
 
+def resolve_num_proc(num_proc: int | None) -> int:
+    """Worker processes of a cold build: ``None`` is one per CPU core this process may use; 0 and 1 are this process."""
+    if num_proc is None:
+        try:
+            return len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            return os.cpu_count() or 1
+    if num_proc < 0:
+        raise DataError(f"data.num_proc={num_proc} is not valid; give a number of processes >= 0 (0 or 1: this process) or null (one per core)")
+    return max(1, int(num_proc))
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One data entry: its path (file, glob, dataset directory or hub name), the files it names, the rows to read at most."""
+
+    path: str
+    files: tuple[str, ...]
+    max_rows: int | None = None
+
+    @classmethod
+    def of(cls, source) -> "_Entry":
+        """From a path, a mapping ``{path, max_rows, ...}`` or a :class:`rewardforge.config.DataSource`."""
+        if isinstance(source, (str, os.PathLike)):
+            path, max_rows = os.fspath(source), None
+        elif isinstance(source, dict):
+            path, max_rows = source.get("path"), source.get("max_rows")
+        else:
+            path, max_rows = source.path, getattr(source, "max_rows", None)
+        return cls(str(path), tuple(expand_sources([str(path)])), max_rows)
+
+    def rows(self, split: str):
+        """The entry's rows, file after file, stopping after ``max_rows`` without reading further."""
+        rows = itertools.chain.from_iterable(read_rows(f, split) for f in self.files)
+        return rows if self.max_rows is None else itertools.islice(rows, self.max_rows)
+
+
+@dataclass
+class _Settings:
+    kind: str
+    fmt: str
+    max_length: int
+    truncation: str
+    attributes: list[str] | None
+    skip_bad_rows: bool
+    field_map: dict[str, str] | None
+    split: str
+    drop_duplicates: bool
+
+
 def build_dataset(
-    sources: list[str],
+    sources: list,
     tokenizer,
     *,
     kind: str,
@@ -246,19 +339,24 @@ def build_dataset(
     split: str = "train",
     cache_dir: str | Path | None = None,
     drop_duplicates: bool = True,
+    num_proc: int | None = None,
 ):
     """Read, parse, render and tokenize ``sources`` into a :class:`PairDataset` or :class:`RatedDataset`.
 
     Args:
-        sources: files, globs, dataset directories or hub names.
+        sources: data entries: files, globs, dataset directories or hub names, or mappings / ``DataSource`` with a
+            ``path`` and optionally ``max_rows`` (read only the first rows of that entry). Each example records its
+            entry (``dataset.source``) for :func:`rewardforge.data.mixing.mix_sources`, which applies weights.
         tokenizer: a fast tokenizer with its template installed (see ``setup_template``).
         kind: ``"pairs"`` or ``"rated"``.
         cache_dir: directory of the tokenization cache; ``"none"`` disables it.
         drop_duplicates: exclude a pair whose rendered texts repeat an earlier pair's (counted as
             ``duplicate_pairs``).
+        num_proc: processes that tokenize a cold build (``None``: one per core; 0 or 1: this process). The
+            dataset is the same byte for byte whatever the number.
 
     Returns:
-        ``(dataset, DataReport)``.
+        ``(dataset, DataReport)``; the dataset's token ids are memory-mapped from its Arrow file.
 
     Raises:
         DataError: naming file, line and field of the first bad row (unless ``skip_bad_rows``).
@@ -266,123 +364,177 @@ def build_dataset(
     t0 = time.perf_counter()
     if not sources:
         raise DataError("no data given; set data.train (and optionally data.validation)")
-    files = expand_sources(list(sources))
-    use_cache = str(cache_dir).lower() != "none"
-    cache_path = None
-    if use_cache:
-        key = json.dumps(
-            {
-                "v": CACHE_VERSION, "data": fingerprint_sources(files), "kind": kind, "fmt": fmt, "max_length": max_length,
-                "truncation": truncation, "attributes": attributes, "skip": skip_bad_rows, "field_map": field_map,
-                "split": split, "tokenizer": tokenizer_fingerprint(tokenizer), "dedup": drop_duplicates,
-            },
-            sort_keys=True,
-        )
-        cache_path = Path(cache_dir or default_cache_dir()) / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
-        if cache_path.is_file():
-            try:
-                ds, report = _load_cache(cache_path)
-                report.seconds = time.perf_counter() - t0
-                return ds, report
-            except Exception:  # a damaged cache entry is rebuilt, never trusted
-                cache_path.unlink(missing_ok=True)
-
-    report = DataReport(sources=files)
-    parse_report = ParseReport()
-
-    def rows():
-        for f in files:
-            yield from read_rows(f, split)
-
-    renderer = TextRenderer(tokenizer)
-    ends = InputFormat.of(tokenizer).ends  # what truncation keeps: the same rule as scoring and serving
-    stats = TruncationStats()
-    with _bar(None, "data: read", "rows") as bar:
-        def counted():
-            for row in rows():
-                bar.update(1)
-                yield row
-
-        examples = list(parse_rows(counted(), fmt, attributes=attributes, skip_bad_rows=skip_bad_rows, field_map=field_map,
-                                   report=parse_report))
-    want = PreferencePair if kind == "pairs" else RatedResponse
-    for ex in examples:
-        if not isinstance(ex, want):
-            raise DataError(
-                f"{ex.where}: this is {'a preference pair' if isinstance(ex, PreferencePair) else 'a rated response'}, "
-                f"but the model type needs {'preference pairs' if kind == 'pairs' else 'rated responses'}; "
-                "check model.reward_model_type and data.format"
-            )
-
-    if kind == "pairs":
-        texts_c, texts_r, starts_c, starts_r, keys, margins, extras = [], [], [], [], [], [], []
-        seen: set[tuple[str, str]] = set()
-        for ex in _iter_bar(examples, "data: render", "pairs"):
-            tc, sc, tr, sr = renderer.render_pair(ex.prompt, ex.chosen, ex.rejected, ex.where)
-            if tc == tr:
-                report.exclude("identical_texts")
-                continue
-            if drop_duplicates:
-                if (tc, tr) in seen:
-                    report.exclude("duplicate_pairs")
-                    continue
-                seen.add((tc, tr))
-            texts_c.append(tc), texts_r.append(tr), starts_c.append(sc), starts_r.append(sr)
-            keys.append(_prompt_key(tc[:sc])), margins.append(np.nan if ex.margin is None else ex.margin)
-            extras.append(_json_safe(ex.extra))
-        # chosen and rejected side by side: a pair's shared prompt is tokenized once where that is exact
-        texts, starts = [None] * (2 * len(texts_c)), [0] * (2 * len(texts_c))
-        texts[0::2], texts[1::2], starts[0::2], starts[1::2] = texts_c, texts_r, starts_c, starts_r
-        ids = _tokenize_with_bar(tokenizer, texts, starts, max_length, truncation, stats, ends)
-        ids_c, ids_r = ids[0::2], ids[1::2]
-        keep = []
-        for i, (a, b) in enumerate(zip(ids_c, ids_r)):
-            if len(a) == len(b) and np.array_equal(a, b):
-                report.exclude("identical_after_truncation")
-            else:
-                keep.append(i)
-        ds = PairDataset([ids_c[i] for i in keep], [ids_r[i] for i in keep], np.asarray([margins[i] for i in keep], np.float32), [keys[i] for i in keep], [extras[i] for i in keep])
+    entries = [_Entry.of(s) for s in sources]
+    st = _Settings(kind, fmt, max_length, truncation, attributes, skip_bad_rows, field_map, split, drop_duplicates)
+    path = None if str(cache_dir).lower() == "none" else _cache_path(cache_dir, entries, st, tokenizer)
+    built = _open_built(path) if path is not None and path.is_dir() else None
+    if built is not None:
+        built[1].from_cache = True
     else:
-        attributes = list(attributes or [])
-        texts, starts, keys, labels, extras = [], [], [], [], []
-        for ex in _iter_bar(examples, "data: render", "rows"):
-            t, s = renderer.render(ex.prompt, ex.response, ex.where)
-            texts.append(t), starts.append(s), keys.append(_prompt_key(t[:s] if s else t))
-            labels.append([np.nan if ex.labels[a] is None else ex.labels[a] for a in attributes])
-            extras.append(_json_safe(ex.extra))
-        ids = _tokenize_with_bar(tokenizer, texts, starts, max_length, truncation, stats, ends)
-        ds = RatedDataset(ids, np.asarray(labels, np.float32).reshape(len(ids), len(attributes)), keys, extras, attributes)
+        built = _build(entries, tokenizer, st, path, resolve_num_proc(num_proc))
+    built[1].seconds = time.perf_counter() - t0
+    return built
 
+
+def _build(entries: list[_Entry], tokenizer, st: _Settings, path: Path | None, num_proc: int):
+    """Stream the entries through parsing, rendering and tokenization into an Arrow file; return it mapped."""
+    report = DataReport(sources=[f for e in entries for f in e.files], per_source=[
+        {"source": e.path, "files": len(e.files), "rows_read": 0, "examples": 0,
+         **({"max_rows": e.max_rows} if e.max_rows is not None else {})} for e in entries])
+    scratch = None
+    if path is None:  # no cache: a file of its own, deleted once mapped (the mapping stays valid)
+        scratch = Path(tempfile.mkdtemp(prefix="rewardforge-data-"))
+        path = scratch / "dataset"
+    try:
+        with TableWriter(path, _KINDS[st.kind].SCHEMA) as writer:
+            _write_examples(entries, tokenizer, st, writer, report, num_proc)
+            writer.finish({"kind": st.kind, "attributes": list(st.attributes or []), "report": report.as_dict()})
+        table, meta = open_table(path)
+        return _KINDS[st.kind].from_table(table, meta), report
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write_examples(entries: list[_Entry], tokenizer, st: _Settings, writer: TableWriter, report: DataReport, num_proc: int) -> None:
+    """Examples -> rendered chunks -> tokenized chunks (in order) -> record batches; fills ``report``."""
+    parse_report, stats = ParseReport(), TruncationStats()
+    examples = _read_examples(entries, st, parse_report, report)
+    render, to_batch = (_render_pairs, _pair_batch) if st.kind == "pairs" else (_render_rated, _rated_batch)
+    tokenize = ChunkTokenizer(tokenizer, st.max_length, st.truncation, InputFormat.of(tokenizer).ends, num_proc)
+    for rendered, chunk in tokenize.map(render(examples, TextRenderer(tokenizer), st, report)):
+        add_stats(stats, chunk.stats)
+        batch = to_batch(rendered, chunk, report)
+        for k, n in zip(*np.unique(batch.column("source").to_numpy(), return_counts=True)):
+            report.per_source[int(k)]["examples"] += int(n)
+        writer.write(batch)
     report.rows_read = parse_report.rows_read
     report.formats = dict(parse_report.formats)
     report.skipped_bad_rows = sum(parse_report.skipped.values())
     report.bad_row_messages = parse_report.examples
     report.truncation = stats.as_dict()
-    report.examples = len(ds)
-    if cache_path is not None:
-        _save_cache(cache_path, ds, report)
-    report.seconds = time.perf_counter() - t0
-    return ds, report
+    report.examples = writer.rows
+    report.processes = tokenize.processes
 
 
-def _iter_bar(items: list, desc: str, unit: str):
-    with _bar(len(items), desc, unit) as bar:
-        for it in items:
-            yield it
-            bar.update(1)
+def _read_examples(entries: list[_Entry], st: _Settings, parse_report: ParseReport, report: DataReport) -> Iterator:
+    """``(entry index, example)`` of every entry in order, streamed; each must be of the kind the model needs."""
+    current = [0]  # the entry of the row read last: parse_rows yields an example right after reading its last row
+
+    def rows():
+        with progress_bar(None, "data", "rows") as bar:
+            for k, entry in enumerate(entries):
+                current[0] = k
+                for row in entry.rows(st.split):
+                    report.per_source[k]["rows_read"] += 1
+                    bar.update(1)
+                    yield row
+
+    want = PreferencePair if st.kind == "pairs" else RatedResponse
+    for ex in parse_rows(rows(), st.fmt, attributes=st.attributes, skip_bad_rows=st.skip_bad_rows, field_map=st.field_map,
+                         report=parse_report):
+        if not isinstance(ex, want):
+            raise DataError(
+                f"{ex.where}: this is {'a preference pair' if isinstance(ex, PreferencePair) else 'a rated response'}, "
+                f"but the model type needs {'preference pairs' if st.kind == 'pairs' else 'rated responses'}; "
+                "check model.reward_model_type and data.format"
+            )
+        yield current[0], ex
 
 
-def _tokenize_with_bar(tokenizer, texts, starts, max_length, truncation, stats, ends, chunk: int = 8192) -> list:
-    """``tokenize_texts`` in chunks (the same ids: tokenization is per text), with a bar over the sequences."""
-    if not _PROGRESS.get() or len(texts) <= chunk:
-        return tokenize_texts(tokenizer, texts, starts, max_length, truncation, stats, ends=ends)[0]
-    out: list = []
-    with _bar(len(texts), "data: tokenize", "seq") as bar:
-        for a in range(0, len(texts), chunk):
-            out += tokenize_texts(tokenizer, texts[a : a + chunk], starts[a : a + chunk], max_length, truncation, stats,
-                                  ends=ends)[0]
-            bar.update(len(texts[a : a + chunk]))
-    return out
+@dataclass
+class _Rendered:
+    """What a chunk keeps beside its texts, one value per example, until its token ids come back."""
+
+    keys: list[str] = field(default_factory=list)
+    extras: list[str] = field(default_factory=list)  # JSON
+    sources: list[int] = field(default_factory=list)
+    values: list = field(default_factory=list)  # margins (pairs) or label rows (rated)
+
+    def add(self, key: str, value, extra: dict, source: int) -> None:
+        self.keys.append(key), self.values.append(value), self.extras.append(json.dumps(json_safe(extra)))
+        self.sources.append(source)
+
+
+def _chunks(items: Iterator, n: int) -> Iterator[list]:
+    while chunk := list(itertools.islice(items, n)):
+        yield chunk
+
+
+def _pair_digest(chosen: str, rejected: str) -> bytes:
+    """128 bits of the pair's two texts: what duplicate detection keeps per pair instead of the texts."""
+    a, b = chosen.encode("utf-8", "surrogatepass"), rejected.encode("utf-8", "surrogatepass")
+    h = hashlib.blake2b(len(a).to_bytes(8, "little"), digest_size=16)
+    h.update(a), h.update(b)
+    return h.digest()
+
+
+def _render_pairs(examples: Iterator, renderer: TextRenderer, st: _Settings, report: DataReport) -> Iterator:
+    """``(texts, starts, _Rendered)`` per chunk; chosen and rejected side by side (a shared prompt is tokenized once)."""
+    seen: set[bytes] = set()
+    for chunk in _chunks(examples, CHUNK_EXAMPLES):
+        texts, starts, rendered = [], [], _Rendered()
+        for source, ex in chunk:
+            tc, sc, tr, sr = renderer.render_pair(ex.prompt, ex.chosen, ex.rejected, ex.where)
+            if tc == tr:
+                report.exclude("identical_texts")
+                continue
+            if st.drop_duplicates:
+                digest = _pair_digest(tc, tr)
+                if digest in seen:
+                    report.exclude("duplicate_pairs")
+                    continue
+                seen.add(digest)
+            texts += (tc, tr)
+            starts += (sc, sr)
+            rendered.add(_prompt_key(tc[:sc]), np.nan if ex.margin is None else ex.margin, ex.extra, source)
+        if texts:
+            yield texts, starts, rendered
+
+
+def _pair_batch(rendered: _Rendered, chunk, report: DataReport) -> pa.RecordBatch:
+    """The chunk's pairs as a record batch, without those whose two sides are the same after truncation (counted)."""
+    lengths = chunk.lengths
+    first = np.cumsum(lengths) - lengths
+    keep = np.ones(len(lengths) // 2, bool)
+    for i in np.flatnonzero(lengths[0::2] == lengths[1::2]):
+        a, b, n = first[2 * i], first[2 * i + 1], lengths[2 * i]
+        keep[i] = not np.array_equal(chunk.values[a : a + n], chunk.values[b : b + n])
+    if not keep.all():
+        report.exclude("identical_after_truncation", int((~keep).sum()))
+    kept_seqs, chosen = np.repeat(keep, 2), np.tile(np.array([True, False]), len(keep))
+
+    def side(mask: np.ndarray) -> pa.Array:
+        return token_array(chunk.values[np.repeat(mask, lengths)], lengths[mask])
+
+    k = np.flatnonzero(keep)
+    return pa.record_batch([
+        side(kept_seqs & chosen), side(kept_seqs & ~chosen), pa.array(np.asarray(rendered.values, np.float32)[k]),
+        text_array(rendered.keys[i] for i in k), text_array(rendered.extras[i] for i in k),
+        pa.array(np.asarray(rendered.sources, np.int32)[k]),
+    ], schema=PairDataset.SCHEMA)
+
+
+def _render_rated(examples: Iterator, renderer: TextRenderer, st: _Settings, report: DataReport) -> Iterator:
+    """``(texts, starts, _Rendered)`` per chunk of rated responses; labels in ``attributes`` order, nan where missing."""
+    attributes = list(st.attributes or [])
+    for chunk in _chunks(examples, CHUNK_EXAMPLES):
+        texts, starts, rendered = [], [], _Rendered()
+        for source, ex in chunk:
+            t, s = renderer.render(ex.prompt, ex.response, ex.where)
+            texts.append(t), starts.append(s)
+            rendered.add(_prompt_key(t[:s] if s else t), [np.nan if ex.labels[a] is None else ex.labels[a] for a in attributes],
+                         ex.extra, source)
+        yield texts, starts, rendered
+
+
+def _rated_batch(rendered: _Rendered, chunk, report: DataReport) -> pa.RecordBatch:
+    labels = np.asarray(rendered.values, np.float32)
+    labels = labels.reshape(len(rendered.keys), labels.size // max(len(rendered.keys), 1))
+    return pa.record_batch([
+        token_array(chunk.values, chunk.lengths), float_rows(labels), text_array(rendered.keys), text_array(rendered.extras),
+        pa.array(np.asarray(rendered.sources, np.int32)),
+    ], schema=RatedDataset.SCHEMA)
 
 
 def split_by_prompt(ds, fraction: float, seed: int = 0):

@@ -309,11 +309,9 @@ def build_list_dataset(cfg, tokenizer, sources: list[str]):
     """
     from rewardforge.data.datasets import (
         DataReport,
-        _bar,
-        _iter_bar,
-        _json_safe,
-        _tokenize_with_bar,
         default_cache_dir,
+        json_safe,
+        progress_bar,
         prompt_key,
         tokenizer_fingerprint,
     )
@@ -325,7 +323,9 @@ def build_list_dataset(cfg, tokenizer, sources: list[str]):
     t0 = time.perf_counter()
     if not sources:
         raise DataError("no data given; set data.train (and optionally data.validation)")
-    files = expand_sources(list(sources))
+    from rewardforge.config import source_path
+
+    files = expand_sources([source_path(s) for s in sources])
     cache_path = None
     if str(d.cache_dir).lower() != "none":
         key = json.dumps({"v": LIST_CACHE_VERSION, "kind": "lists", "data": fingerprint_sources(files),
@@ -342,7 +342,7 @@ def build_list_dataset(cfg, tokenizer, sources: list[str]):
                 cache_path.unlink(missing_ok=True)
 
     report, parse_report = DataReport(sources=files), ParseReport()
-    with _bar(None, "data: read", "rows") as bar:
+    with progress_bar(None, "data: read", "rows") as bar:
         def rows():
             for f in files:
                 for row in read_rows(f, d.split):
@@ -355,7 +355,7 @@ def build_list_dataset(cfg, tokenizer, sources: list[str]):
     renderer = TextRenderer(tokenizer)
     texts, starts, scores, sizes, keys, extras = [], [], [], [], [], []
     seen: set = set()
-    for lst in _iter_bar(lists, "data: render", "lists"):
+    for lst in _iter_bar(lists, "data: render", "lists", progress_bar):
         t_list, s_list, sc_list = [], [], []
         for resp, score in zip(lst.responses, lst.scores):
             t, s = renderer.render(lst.prompt, resp, lst.where)
@@ -376,10 +376,11 @@ def build_list_dataset(cfg, tokenizer, sources: list[str]):
         scores.append(sc_list)
         sizes.append(len(t_list))
         keys.append(prompt_key(t_list[0][: s_list[0]] if s_list[0] else t_list[0]))
-        extras.append(_json_safe(lst.extra))
+        extras.append(json_safe(lst.extra))
     stats = TruncationStats()
     # a list's responses side by side: their shared prompt is tokenized once where that is exact
-    ids = _tokenize_with_bar(tokenizer, texts, starts, d.max_length, d.truncation, stats, InputFormat.of(tokenizer).ends)
+    ids = _tokenize_with_bar(tokenizer, texts, starts, d.max_length, d.truncation, stats, InputFormat.of(tokenizer).ends,
+                             progress_bar)
     out_ids, out_scores, offsets, out_keys, out_extra = [], [], [0], [], []
     pos = 0
     for sc_list, k, key, extra in zip(scores, sizes, keys, extras):
@@ -442,3 +443,23 @@ def _load(path: Path, report_cls):
     report = report_cls(**meta["report"])
     report.from_cache = True
     return ds, report
+
+
+def _iter_bar(items: list, desc: str, unit: str, bar_of):
+    with bar_of(len(items), desc, unit) as bar:
+        for it in items:
+            yield it
+            bar.update(1)
+
+
+def _tokenize_with_bar(tokenizer, texts, starts, max_length, truncation, stats, ends, bar_of, chunk: int = 8192) -> list:
+    """``tokenize_texts`` in chunks (the same ids: tokenization is per text), with a bar over the sequences."""
+    from rewardforge.data.tokenize import tokenize_texts
+
+    out: list = []
+    with bar_of(len(texts), "data: tokenize", "seq") as bar:
+        for s in range(0, len(texts), chunk):
+            out += tokenize_texts(tokenizer, texts[s : s + chunk], starts[s : s + chunk], max_length, truncation, stats,
+                                  ends=ends)[0]
+            bar.update(min(chunk, len(texts) - s))
+    return out

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -324,29 +325,44 @@ def _read_json(path: str) -> Iterator[Row]:
         yield Row(DataError(f"{path}[{i}]: {problem}") if problem else record, path, i, False)
 
 
+PARQUET_BATCH_ROWS = 1024  # rows converted to Python objects at a time
+
+
 def _read_parquet(path: str) -> Iterator[Row]:
+    """The rows of a Parquet file, read in record batches: only one batch is ever Python objects."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     if os.path.isdir(path):
         raise DataError(f"data file {path!r} is a directory; give the Parquet files in it (e.g. {os.path.join(path, '*.parquet')!r})")
     try:
-        if _is_gz(path):
-            import pyarrow as pa
-
-            table = pq.read_table(pa.BufferReader(_read_all_bytes(path)))
-        else:
-            table = pq.read_table(path)
+        # a gzip-compressed Parquet file is decompressed into memory (Parquet compresses its pages itself: prefer that)
+        parquet = pq.ParquetFile(pa.BufferReader(_read_all_bytes(path)) if _is_gz(path) else path)
+        names = parquet.schema_arrow.names
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise DataError(f"{path}: has more than one column named {twice[0]!r}; rename one")
+        batches = parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS)
+        first = 0
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            for i, row in enumerate(_parquet_rows(batch, names)):
+                yield Row(DataError(f"{path}[{first + i}]: {row}") if isinstance(row, str) else row, path, first + i, False)
+            first += batch.num_rows
     except DataError:
         raise
     except Exception as e:  # pyarrow raises several types for damaged files
         raise DataError(f"{path}: cannot read Parquet ({e})") from None
-    names = table.column_names
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise DataError(f"{path}: has more than one column named {twice[0]!r}; rename one")
+
+
+def _parquet_rows(batch, names: list[str]) -> list:
+    """The batch's rows as dicts; a row with a cell that cannot be read becomes a str saying why (the others are kept)."""
     columns: dict[str, list] = {}
     bad: dict[int, str] = {}  # row -> why it cannot be read
-    for name, col in zip(names, table.columns):
+    for name, col in zip(names, batch.columns):
         try:
             columns[name] = col.to_pylist()
             continue
@@ -363,11 +379,7 @@ def _read_parquet(path: str) -> Iterator[Row]:
                 values.append(None)
                 bad.setdefault(i, f"field {name!r} cannot be read ({type(e).__name__}: {e})")
         columns[name] = values
-    for i in range(table.num_rows):
-        if i in bad:
-            yield Row(DataError(f"{path}[{i}]: {bad[i]}"), path, i, False)
-        else:
-            yield Row({name: columns[name][i] for name in names}, path, i, False)
+    return [bad[i] if i in bad else {name: columns[name][i] for name in names} for i in range(batch.num_rows)]
 
 
 def _read_hf(source: str, split: str) -> Iterator[Row]:
@@ -429,15 +441,18 @@ def _looks_like_hub_name(s: str) -> bool:
     return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and not Path(s).suffix
 
 
-def fingerprint_sources(sources: list[str]) -> str:
-    """A hash of the sources' contents (files) or names (hub datasets), for the tokenization cache."""
+def fingerprint_sources(sources: list[str], memo_dir: str | Path | None = None) -> str:
+    """A hash of the sources' contents (files) or names (hub datasets), for the tokenization cache.
+
+    With ``memo_dir``, a file's content hash is kept there under its path and ``os.stat`` stamp (size, mtime, ctime,
+    inode, device: any write changes ctime, even when mtime is set back), so a cached load does not read gigabytes
+    of data again; a file changed within the last seconds is hashed every time (a write could share its stamp).
+    """
     h = hashlib.sha256()
     for s in sources:
         h.update(s.encode())
         if os.path.isfile(s):
-            with open(s, "rb") as fh:
-                for chunk in iter(lambda: fh.read(1 << 20), b""):
-                    h.update(chunk)
+            h.update(_file_digest(s, Path(memo_dir) if memo_dir is not None else None))
         elif os.path.isdir(s):
             for p in sorted(Path(s).rglob("*")):
                 if p.is_file():
@@ -445,3 +460,33 @@ def fingerprint_sources(sources: list[str]) -> str:
                     h.update(str(p.stat().st_size).encode())
                     h.update(str(p.stat().st_mtime_ns).encode())
     return h.hexdigest()
+
+
+_SETTLED_NS = 3_000_000_000  # a file unchanged for this long has a stamp no later write can share
+
+
+def _file_digest(path: str, memo_dir: Path | None) -> bytes:
+    st = os.stat(path)
+    real = os.path.realpath(path)
+    stamp = [real, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    memo = memo_dir / f"{hashlib.sha256(real.encode()).hexdigest()[:32]}.json" if memo_dir is not None else None
+    if memo is not None:
+        try:
+            saved = json.loads(memo.read_text())
+            if saved["stamp"] == stamp:
+                return bytes.fromhex(saved["sha256"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    if memo is not None and time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _SETTLED_NS:
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"stamp": stamp, "sha256": h.hexdigest()}))
+            os.replace(tmp, memo)
+        except OSError:  # a read-only cache: hash again next time
+            pass
+    return h.digest()

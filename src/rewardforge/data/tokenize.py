@@ -33,8 +33,13 @@ would cost more than the fast path saves.
 
 from __future__ import annotations
 
+import collections
+import itertools
+import multiprocessing
+import os
+import signal
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -466,3 +471,103 @@ def _sample(texts: list[str], starts: list[int]) -> list[int]:
     if n <= _SAMPLE:
         return list(range(n))
     return sorted({(k * n) // _SAMPLE for k in range(_SAMPLE)})
+
+
+# ------------------------------------------------------------------ chunks, in this process or in worker processes
+
+
+@dataclass
+class TokenizedChunk:
+    """The sequences of one chunk of texts, back to back: ``values`` (int32) cut by ``lengths``, and their counts."""
+
+    values: np.ndarray
+    lengths: np.ndarray
+    stats: TruncationStats
+
+
+def tokenize_chunk(tokenizer, texts: list[str], starts: list[int], max_length: int, mode: str,
+                   ends: tuple[str, str] | None = None) -> TokenizedChunk:
+    """:func:`tokenize_texts` of one chunk, packed flat (what a worker process sends back)."""
+    stats = TruncationStats()
+    arrays, _ = tokenize_texts(tokenizer, texts, starts, max_length, mode, stats, ends=ends)
+    lengths = np.fromiter((len(a) for a in arrays), np.int64, len(arrays))
+    return TokenizedChunk(np.concatenate(arrays) if arrays else np.zeros(0, np.int32), lengths, stats)
+
+
+def add_stats(total: TruncationStats, part: TruncationStats) -> None:
+    for k, v in part.as_dict().items():
+        setattr(total, k, getattr(total, k) + v)
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _start_worker(tokenizer, settings: tuple) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker (a forked Rust thread pool would hang)
+    _WORKER["tokenizer"], _WORKER["settings"] = tokenizer, settings
+
+
+def _work(texts: list[str], starts: list[int]) -> TokenizedChunk:
+    return tokenize_chunk(_WORKER["tokenizer"], texts, starts, *_WORKER["settings"])
+
+
+class ChunkTokenizer:
+    """:func:`tokenize_chunk` over a stream of chunks, the results in the order of the chunks.
+
+    With ``num_proc`` > 1 the chunks go to that many worker processes (forked where the platform can, so the
+    tokenizer is not copied; each tokenizes with one thread), started only once a second chunk arrives, so a
+    dataset of one chunk is tokenized here. Otherwise they are tokenized in this process, where the Rust
+    tokenizer's own threads use the cores. The ids are the same either way: tokenization is per text.
+    """
+
+    def __init__(self, tokenizer, max_length: int, mode: str, ends: tuple[str, str] | None, num_proc: int):
+        self.tokenizer, self.settings, self.num_proc = tokenizer, (max_length, mode, ends), max(1, int(num_proc))
+        self.processes = 1  # how many tokenized (1: this process)
+
+    def map(self, chunks: Iterable[tuple[list[str], list[int], Any]]) -> Iterator[tuple[Any, TokenizedChunk]]:
+        """Yield ``(payload, TokenizedChunk)`` for each ``(texts, starts, payload)`` of ``chunks``, in order."""
+        chunks = iter(chunks)
+        head = list(itertools.islice(chunks, 2))
+        if self.num_proc <= 1 or len(head) < 2:
+            for texts, starts, payload in itertools.chain(head, chunks):
+                yield payload, tokenize_chunk(self.tokenizer, texts, starts, *self.settings)
+            return
+        pool = self._start_pool()
+        try:
+            pending: collections.deque = collections.deque()
+            for texts, starts, payload in itertools.chain(head, chunks):
+                pending.append((payload, pool.submit(_work, texts, starts)))
+                while len(pending) > self.num_proc:  # a few chunks in flight, never the whole data
+                    payload, future = pending.popleft()
+                    yield payload, future.result()
+            while pending:
+                payload, future = pending.popleft()
+                yield payload, future.result()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+
+    def _start_pool(self):
+        from concurrent.futures import ProcessPoolExecutor
+
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        pool = ProcessPoolExecutor(self.num_proc, mp_context=multiprocessing.get_context(method), initializer=_start_worker,
+                                   initargs=(self.tokenizer, self.settings))
+        # Forked workers start with the first task and inherit the environment: without TOKENIZERS_PARALLELISM set,
+        # the tokenizers library prints a warning in each (and turns its threads off, as the workers do anyway).
+        saved = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        try:
+            pool.submit(int).result()
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        finally:
+            if saved is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = saved
+        self.processes = self.num_proc
+        return pool
