@@ -252,11 +252,6 @@ def child_share(args) -> dict:
     tok = load_tokenizer(args.backbone)
     collate = PairCollator(tok.pad_token_id)
     collate([{"chosen": np.array([1, 2], np.int32), "rejected": np.array([1], np.int32), "margin": 0.0, "index": 0}])
-    import pyarrow as pa
-
-    first_array = smaps_rollup()["Private_Dirty"]
-    pa.chunked_array([pa.array(np.zeros(1, np.float32))]).to_numpy()  # pyarrow's first array sets up its memory pool
-    first_array = smaps_rollup()["Private_Dirty"] - first_array  # (~30 MiB once per process: in the baseline, reported)
     gc.collect()
     before = smaps_rollup()
     t = time.perf_counter()
@@ -279,7 +274,7 @@ def child_share(args) -> dict:
     after = smaps_rollup()
     arrow = smaps_of_file(str(next(Path(args.cache).glob("*/data.arrow"))))
     priv = lambda m: m.get("Private_Clean", 0) + m.get("Private_Dirty", 0)  # noqa: E731
-    out = {"rank": state.process_index, "load_s": load_s, "pyarrow_setup_private": first_array, "epoch_collate_s": epoch_s, "pairs": len(ds), "from_cache": rep.from_cache,
+    out = {"rank": state.process_index, "load_s": load_s, "epoch_collate_s": epoch_s, "pairs": len(ds), "from_cache": rep.from_cache,
            "tokens_collated": tokens, "private_before": priv(before), "private_after": priv(after),
            "private_dirty_increase": after.get("Private_Dirty", 0) - before.get("Private_Dirty", 0),
            "private_increase": priv(after) - priv(before), "shared_after": after.get("Shared_Clean", 0) + after.get("Shared_Dirty", 0),
@@ -374,8 +369,7 @@ def measure_scale(k: int, files: list[str], args, workdir: Path, lines: list[str
         lines.append(
             f"  rank {r['rank']} of 2 (torch.distributed.run): load {r['load_s']:.2f} s, one epoch of its batches collated in "
             f"{r['epoch_collate_s']:.1f} s; private memory +{r['private_increase'] / MB:,.1f} MiB over the process before "
-            f"loading (= {r['private_increase'] / r['pairs']:,.0f} B/pair; anonymous +{r['private_dirty_increase'] / MB:,.1f} MiB; "
-            f"not counted: {r['pyarrow_setup_private'] / MB:,.0f} MiB once per process for pyarrow's first array), "
+            f"loading (= {r['private_increase'] / r['pairs']:,.0f} B/pair; anonymous +{r['private_dirty_increase'] / MB:,.1f} MiB), "
             f"shared {r['shared_after'] / MB:,.0f} MiB, PSS {r['pss_after'] / MB:,.0f} MiB; data.arrow mapped: RSS "
             f"{r['arrow_rss'] / MB:,.0f} MiB, of it shared {r['arrow_shared'] / MB:,.0f} MiB, private {r['arrow_private'] / MB:,.1f} MiB")
     return out

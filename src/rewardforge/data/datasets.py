@@ -403,7 +403,7 @@ def _write_examples(entries: list[_Entry], tokenizer, st: _Settings, writer: Tab
     for rendered, chunk in tokenize.map(render(examples, TextRenderer(tokenizer), st, report)):
         add_stats(stats, chunk.stats)
         batch = to_batch(rendered, chunk, report)
-        for k, n in zip(*np.unique(batch.column("source").to_numpy(), return_counts=True)):
+        for k, n in zip(*np.unique(numbers(batch.column("source"), np.int32), return_counts=True)):
             report.per_source[int(k)]["examples"] += int(n)
         writer.write(batch)
     report.rows_read = parse_report.rows_read

@@ -51,6 +51,15 @@ def float_rows(values: np.ndarray) -> pa.LargeListArray:
     return pa.LargeListArray.from_arrays(pa.array(np.arange(n + 1, dtype=np.int64) * width), pa.array(values.reshape(-1)))
 
 
+def _view(array: pa.Array, dtype) -> np.ndarray:
+    """The values of a fixed-width Arrow array without nulls as a read-only numpy view of its buffer (no copy; unlike
+    ``to_numpy``, which imports pandas, ~0.35 s of a cached load)."""
+    data = array.buffers()[1]
+    if data is None:
+        return np.zeros(0, dtype)
+    return np.frombuffer(data, dtype)[array.offset : array.offset + len(array)]
+
+
 class _Column(Sequence):
     """The chunks of one Arrow column as (offsets, values) numpy views, indexed through an optional index array."""
 
@@ -136,7 +145,7 @@ class TokenColumn(_Column):
 
     @staticmethod
     def _part(chunk: pa.LargeListArray):
-        return chunk.offsets.to_numpy(), chunk.values.to_numpy(zero_copy_only=True)
+        return _view(chunk.offsets, np.int64), _view(chunk.values, np.int32)
 
     @staticmethod
     def _item(values, a: int, b: int) -> np.ndarray:
@@ -184,16 +193,22 @@ def text_array(strings: Iterable[str]) -> pa.Array:
     return pa.array([s.encode("utf-8", "surrogatepass") for s in strings], pa.large_binary()).view(pa.large_string())
 
 
-def numbers(column: pa.ChunkedArray, dtype) -> np.ndarray:
+def numbers(column: pa.ChunkedArray | pa.Array, dtype) -> np.ndarray:
     """A fixed-width column as one private numpy array (a few bytes per example)."""
-    return np.asarray(column.to_numpy(), dtype=dtype) if len(column) else np.zeros(0, dtype)
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    parts = [_view(c, dtype) for c in chunks if len(c)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
 def float_matrix(column: pa.ChunkedArray, width: int) -> np.ndarray:
     """A ``large_list<float32>`` column of rows of ``width`` values as an (n, width) private array."""
-    parts = [c.values.to_numpy(zero_copy_only=False)[c.offsets[0].as_py() : c.offsets[-1].as_py()] for c in column.chunks if len(c)]
+    parts = []
+    for c in column.chunks:
+        if len(c):
+            offsets = _view(c.offsets, np.int64)
+            parts.append(_view(c.values, np.float32)[offsets[0] : offsets[-1]])
     flat = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-    return np.asarray(flat, np.float32).reshape(len(column), width)
+    return flat.reshape(len(column), width)
 
 
 # ------------------------------------------------------------------ files
