@@ -32,7 +32,7 @@ from rewardforge.data.inputs import InputFormat
 from rewardforge.data.readers import DataError, expand_sources, fingerprint_sources, read_rows
 from rewardforge.data.store import (
     FLOATS, TOKENS, JSONColumn, TableWriter, TextColumn, TokenColumn, float_matrix, float_rows, numbers, open_table,
-    text_array, token_array,
+    plain_array, text_array, token_array,
 )
 from rewardforge.data.template import TextRenderer
 from rewardforge.data.tokenize import ChunkTokenizer, TruncationStats, add_stats
@@ -507,9 +507,9 @@ def _pair_batch(rendered: _Rendered, chunk, report: DataReport) -> pa.RecordBatc
 
     k = np.flatnonzero(keep)
     return pa.record_batch([
-        side(kept_seqs & chosen), side(kept_seqs & ~chosen), pa.array(np.asarray(rendered.values, np.float32)[k]),
+        side(kept_seqs & chosen), side(kept_seqs & ~chosen), plain_array(np.asarray(rendered.values, np.float32)[k], pa.float32()),
         text_array(rendered.keys[i] for i in k), text_array(rendered.extras[i] for i in k),
-        pa.array(np.asarray(rendered.sources, np.int32)[k]),
+        plain_array(np.asarray(rendered.sources, np.int32)[k], pa.int32()),
     ], schema=PairDataset.SCHEMA)
 
 
@@ -531,7 +531,7 @@ def _rated_batch(rendered: _Rendered, chunk, report: DataReport) -> pa.RecordBat
     labels = labels.reshape(len(rendered.keys), labels.size // max(len(rendered.keys), 1))
     return pa.record_batch([
         token_array(chunk.values, chunk.lengths), float_rows(labels), text_array(rendered.keys), text_array(rendered.extras),
-        pa.array(np.asarray(rendered.sources, np.int32)),
+        plain_array(np.asarray(rendered.sources, np.int32), pa.int32()),
     ], schema=RatedDataset.SCHEMA)
 
 
