@@ -5,7 +5,7 @@ For each scale the HH-RLHF test files (``../shared/data/hh_rlhf``, 8,552 pairs) 
 file in a temporary directory (outside the repository), copy j > 0 with ``[j] `` put before the first human turn of
 both sides, so every copy has its own prompts (none is a duplicate). Then, each in a new process:
 
-* **cold build** (fresh cache directory, ``data.num_proc`` workers): seconds, pairs/s, CPU seconds, and memory:
+* **cold build** (fresh cache directory, ``--num-proc``, default ``data.num_proc``'s): seconds, pairs/s, CPU seconds, and memory:
   the building process's peak RSS (``ru_maxrss``), its RSS before the build (imports + tokenizer), the workers'
   peak RSS, and the peak of the summed PSS of all the build's processes (sampled every 0.25 s with psutil);
 * **cached load** (a new process, twice: the first after the data was written also hashes the data files and
@@ -17,8 +17,8 @@ both sides, so every copy has its own prompts (none is a duplicate). Then, each 
   memory and PSS, and what of the mapped ``data.arrow`` it holds shared and private; private bytes per pair.
 
 At x1 the cold build also runs, interleaved ``--repeats`` times each: one process (the Rust tokenizer's own threads),
-``--num-proc`` worker processes (what ``data.num_proc`` does), and as many threads in this process, each with its own
-copy of the tokenizer (the alternative to processes; fast tokenizers release the GIL in batch calls).
+one worker process per core (at least 2: what ``data.num_proc`` does), and as many threads in this process, each with
+its own copy of the tokenizer (the alternative to processes; fast tokenizers release the GIL in batch calls).
 
 Goals (issue 19, at the largest scale run): peak RSS of the build <= 1.5 GB; private data per training process
 <= 1 KB per pair; cached load <= 5 s; cold build >= 2,000 pairs/s on 2 cores. The machine this runs on may be shared:
@@ -312,9 +312,10 @@ def run_share(args) -> list[dict]:
 
 
 def compare_parallelism(args, workdir: Path, lines: list[str]) -> dict:
+    n = max(2, len(os.sched_getaffinity(0)))
     variants = {"1 process (Rust tokenizer threads)": ["--num-proc", "1"],
-                f"{args.num_proc} worker processes (data.num_proc={args.num_proc})": ["--num-proc", str(args.num_proc)],
-                f"{args.num_proc} threads, a tokenizer copy each": ["--threads", str(args.num_proc)]}
+                f"{n} worker processes (data.num_proc={n})": ["--num-proc", str(n)],
+                f"{n} threads, a tokenizer copy each": ["--threads", str(n)]}
     times: dict[str, list[float]] = {k: [] for k in variants}
     cpu: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.repeats):
@@ -396,7 +397,8 @@ def main(argv=None) -> int:
     p.add_argument("--scales", type=int, nargs="+", default=[1, 10], help="replication factors (100: ~850k pairs)")
     p.add_argument("--backbone", default="minilm", help="minilm or a local model directory (only its tokenizer is used)")
     p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--num-proc", type=int, default=len(os.sched_getaffinity(0)), help="data.num_proc of the builds (default: cores)")
+    p.add_argument("--num-proc", type=int, default=None,
+                   help="data.num_proc of the builds at each scale (default: data.num_proc's default on this machine)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved x1 runs of each way of tokenizing (0 skips the comparison)")
     p.add_argument("--load-repeats", type=int, default=3, help="cached loads, each in a new process")
     p.add_argument("--workdir", default=None, help="where the replicated data and caches go (default: a new temporary dir, removed)")
@@ -407,6 +409,10 @@ def main(argv=None) -> int:
     p.add_argument("--cache", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.num_proc is None:
+        from rewardforge.data.datasets import resolve_num_proc
+
+        args.num_proc = resolve_num_proc(None)
     for mode, fn in (("build", child_build), ("load", child_load), ("share", child_share)):
         if getattr(args, f"_{mode}"):
             res = fn(args)

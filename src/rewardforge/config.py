@@ -89,7 +89,7 @@ class DataConfig:
     skip_bad_rows: bool = _f(False, "Skip and count malformed rows instead of stopping with an error.")
     drop_duplicates: bool = _f(True, "Exclude (and count as duplicate_pairs) a pair whose rendered chosen and rejected texts repeat an earlier pair's; false keeps them, each weighted again.")
     cache_dir: str = _f("", "Where tokenized data is cached (default: ~/.cache/rewardforge): one memory-mapped Arrow file per dataset, built by the main process and mapped by the others, which share its pages. 'none' disables the cache (each process then builds its own copy in a temporary file).")
-    num_proc: int | None = _f(None, "Processes that tokenize a cold build (null, the default: one per CPU core this process may use; 0 or 1: the building process alone, where the Rust tokenizer's own threads use the cores). The dataset is byte for byte the same whatever the number; a dataset of one chunk (4,096 examples) is always tokenized in the building process.")
+    num_proc: int | None = _f(None, "Processes that tokenize a cold build (null, the default: one per CPU core this process may use, but the building process alone on a machine of 1-2 cores, where that measured faster; 0 or 1: the building process alone, where the Rust tokenizer's own threads use the cores). The dataset is byte for byte the same whatever the number; a dataset of one chunk (4,096 examples) is always tokenized in the building process.")
     group_by_length: bool = _f(True, "Batch sequences of similar length together so padding stays small.")
 
 

@@ -274,12 +274,15 @@ def _json_safe(extra: dict) -> dict:
 
 
 def resolve_num_proc(num_proc: int | None) -> int:
-    """Worker processes of a cold build: ``None`` is one per CPU core this process may use; 0 and 1 are this process."""
+    """Worker processes of a cold build (1: this process). ``None``: one per CPU core this process may use, except on 1-2
+    cores, where this process alone was faster (its Rust tokenizer threads each batch over both cores, and workers
+    cost ~25% more CPU per pair: bench/data_scale.py)."""
     if num_proc is None:
         try:
-            return len(os.sched_getaffinity(0))
+            cores = len(os.sched_getaffinity(0))
         except AttributeError:  # not on Linux
-            return os.cpu_count() or 1
+            cores = os.cpu_count() or 1
+        return cores if cores > 2 else 1
     if num_proc < 0:
         raise DataError(f"data.num_proc={num_proc} is not valid; give a number of processes >= 0 (0 or 1: this process) or null (one per core)")
     return max(1, int(num_proc))
@@ -350,8 +353,8 @@ def build_dataset(
         cache_dir: directory of the tokenization cache; ``"none"`` disables it.
         drop_duplicates: exclude a pair whose rendered texts repeat an earlier pair's (counted as
             ``duplicate_pairs``).
-        num_proc: processes that tokenize a cold build (``None``: one per core; 0 or 1: this process). The
-            dataset is the same byte for byte whatever the number.
+        num_proc: processes that tokenize a cold build (``None``: one per core, this process alone on 1-2 cores;
+            0 or 1: this process). The dataset is the same byte for byte whatever the number.
 
     Returns:
         ``(dataset, DataReport)``; the dataset's token ids are memory-mapped from its Arrow file.
