@@ -284,7 +284,7 @@ def resolve_num_proc(num_proc: int | None) -> int:
             cores = os.cpu_count() or 1
         return cores if cores > 2 else 1
     if num_proc < 0:
-        raise DataError(f"data.num_proc={num_proc} is not valid; give a number of processes >= 0 (0 or 1: this process) or null (one per core)")
+        raise DataError(f"data.num_proc={num_proc} is not valid; give a number of processes >= 0 (0 or 1: this process) or null (the default)")
     return max(1, int(num_proc))
 
 
