@@ -121,14 +121,16 @@ def test_a_worker_that_dies_is_a_data_error_naming_the_fix(tmp_path, tok, monkey
 
 
 @pytest.mark.skipif(not HH.is_dir(), reason="needs the HH-RLHF files in ../shared/data/hh_rlhf (see its README)")
-def test_parallel_build_of_hh_rlhf_gives_the_same_bytes(tmp_path, tok, monkeypatch):
-    monkeypatch.setattr(D, "CHUNK_EXAMPLES", 256)
-    entries = [{"path": str(HH / "harmless-base.test.jsonl.gz"), "max_rows": 600},
-               {"path": str(HH / "helpful-online.test.jsonl.gz"), "max_rows": 600}]
+def test_parallel_build_of_hh_rlhf_gives_the_same_bytes(tmp_path, tiny_model, monkeypatch):
+    tok = load_tokenizer(str(tiny_model("bert")))  # (WordPiece, prompt and response apart; the BPE path: the tests above)
+    setup_template(tok, "auto")
+    monkeypatch.setattr(D, "CHUNK_EXAMPLES", 100)  # 5 chunks
+    entries = [{"path": str(HH / "harmless-base.test.jsonl.gz"), "max_rows": 250},
+               {"path": str(HH / "helpful-online.test.jsonl.gz"), "max_rows": 250}]
     _, rep = build_dataset(entries, tok, kind="pairs", max_length=64, cache_dir=str(tmp_path / "one"), num_proc=1)
     build_dataset(entries, tok, kind="pairs", max_length=64, cache_dir=str(tmp_path / "two"), num_proc=2)
     _assert_same_build(str(tmp_path / "one"), str(tmp_path / "two"))
-    assert rep.rows_read == 1200 and [s["rows_read"] for s in rep.per_source] == [600, 600]
+    assert rep.rows_read == 500 and [s["rows_read"] for s in rep.per_source] == [250, 250]
     assert rep.truncation["truncated_prompt"] > 0
 
 
