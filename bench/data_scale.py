@@ -5,7 +5,7 @@ For each scale the HH-RLHF test files (``../shared/data/hh_rlhf``, 8,552 pairs) 
 file in a temporary directory (outside the repository), copy j > 0 with ``[j] `` put before the first human turn of
 both sides, so every copy has its own prompts (none is a duplicate). Then, each in a new process:
 
-* **cold build** (fresh cache directory, ``data.num_proc`` workers): seconds, pairs/s, CPU seconds, and memory:
+* **cold build** (fresh cache directory, ``--num-proc``, default ``data.num_proc``'s): seconds, pairs/s, CPU seconds, and memory:
   the building process's peak RSS (``ru_maxrss``), its RSS before the build (imports + tokenizer), the workers'
   peak RSS, and the peak of the summed PSS of all the build's processes (sampled every 0.25 s with psutil);
 * **cached load** (a new process, twice: the first after the data was written also hashes the data files and
@@ -17,8 +17,8 @@ both sides, so every copy has its own prompts (none is a duplicate). Then, each 
   memory and PSS, and what of the mapped ``data.arrow`` it holds shared and private; private bytes per pair.
 
 At x1 the cold build also runs, interleaved ``--repeats`` times each: one process (the Rust tokenizer's own threads),
-``--num-proc`` worker processes (what ``data.num_proc`` does), and as many threads in this process, each with its own
-copy of the tokenizer (the alternative to processes; fast tokenizers release the GIL in batch calls).
+one worker process per core (at least 2: what ``data.num_proc`` does), and as many threads in this process, each with
+its own copy of the tokenizer (the alternative to processes; fast tokenizers release the GIL in batch calls).
 
 Goals (issue 19, at the largest scale run): peak RSS of the build <= 1.5 GB; private data per training process
 <= 1 KB per pair; cached load <= 5 s; cold build >= 2,000 pairs/s on 2 cores. The machine this runs on may be shared:
@@ -252,11 +252,6 @@ def child_share(args) -> dict:
     tok = load_tokenizer(args.backbone)
     collate = PairCollator(tok.pad_token_id)
     collate([{"chosen": np.array([1, 2], np.int32), "rejected": np.array([1], np.int32), "margin": 0.0, "index": 0}])
-    import pyarrow as pa
-
-    first_array = smaps_rollup()["Private_Dirty"]
-    pa.chunked_array([pa.array(np.zeros(1, np.float32))]).to_numpy()  # pyarrow's first array sets up its memory pool
-    first_array = smaps_rollup()["Private_Dirty"] - first_array  # (~30 MiB once per process: in the baseline, reported)
     gc.collect()
     before = smaps_rollup()
     t = time.perf_counter()
@@ -279,7 +274,7 @@ def child_share(args) -> dict:
     after = smaps_rollup()
     arrow = smaps_of_file(str(next(Path(args.cache).glob("*/data.arrow"))))
     priv = lambda m: m.get("Private_Clean", 0) + m.get("Private_Dirty", 0)  # noqa: E731
-    out = {"rank": state.process_index, "load_s": load_s, "pyarrow_setup_private": first_array, "epoch_collate_s": epoch_s, "pairs": len(ds), "from_cache": rep.from_cache,
+    out = {"rank": state.process_index, "load_s": load_s, "epoch_collate_s": epoch_s, "pairs": len(ds), "from_cache": rep.from_cache,
            "tokens_collated": tokens, "private_before": priv(before), "private_after": priv(after),
            "private_dirty_increase": after.get("Private_Dirty", 0) - before.get("Private_Dirty", 0),
            "private_increase": priv(after) - priv(before), "shared_after": after.get("Shared_Clean", 0) + after.get("Shared_Dirty", 0),
@@ -317,9 +312,10 @@ def run_share(args) -> list[dict]:
 
 
 def compare_parallelism(args, workdir: Path, lines: list[str]) -> dict:
+    n = max(2, len(os.sched_getaffinity(0)))
     variants = {"1 process (Rust tokenizer threads)": ["--num-proc", "1"],
-                f"{args.num_proc} worker processes (data.num_proc={args.num_proc})": ["--num-proc", str(args.num_proc)],
-                f"{args.num_proc} threads, a tokenizer copy each": ["--threads", str(args.num_proc)]}
+                f"{n} worker processes (data.num_proc={n})": ["--num-proc", str(n)],
+                f"{n} threads, a tokenizer copy each": ["--threads", str(n)]}
     times: dict[str, list[float]] = {k: [] for k in variants}
     cpu: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(args.repeats):
@@ -374,8 +370,7 @@ def measure_scale(k: int, files: list[str], args, workdir: Path, lines: list[str
         lines.append(
             f"  rank {r['rank']} of 2 (torch.distributed.run): load {r['load_s']:.2f} s, one epoch of its batches collated in "
             f"{r['epoch_collate_s']:.1f} s; private memory +{r['private_increase'] / MB:,.1f} MiB over the process before "
-            f"loading (= {r['private_increase'] / r['pairs']:,.0f} B/pair; anonymous +{r['private_dirty_increase'] / MB:,.1f} MiB; "
-            f"not counted: {r['pyarrow_setup_private'] / MB:,.0f} MiB once per process for pyarrow's first array), "
+            f"loading (= {r['private_increase'] / r['pairs']:,.0f} B/pair; anonymous +{r['private_dirty_increase'] / MB:,.1f} MiB), "
             f"shared {r['shared_after'] / MB:,.0f} MiB, PSS {r['pss_after'] / MB:,.0f} MiB; data.arrow mapped: RSS "
             f"{r['arrow_rss'] / MB:,.0f} MiB, of it shared {r['arrow_shared'] / MB:,.0f} MiB, private {r['arrow_private'] / MB:,.1f} MiB")
     return out
@@ -402,7 +397,8 @@ def main(argv=None) -> int:
     p.add_argument("--scales", type=int, nargs="+", default=[1, 10], help="replication factors (100: ~850k pairs)")
     p.add_argument("--backbone", default="minilm", help="minilm or a local model directory (only its tokenizer is used)")
     p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--num-proc", type=int, default=len(os.sched_getaffinity(0)), help="data.num_proc of the builds (default: cores)")
+    p.add_argument("--num-proc", type=int, default=None,
+                   help="data.num_proc of the builds at each scale (default: data.num_proc's default on this machine)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved x1 runs of each way of tokenizing (0 skips the comparison)")
     p.add_argument("--load-repeats", type=int, default=3, help="cached loads, each in a new process")
     p.add_argument("--workdir", default=None, help="where the replicated data and caches go (default: a new temporary dir, removed)")
@@ -413,6 +409,10 @@ def main(argv=None) -> int:
     p.add_argument("--cache", help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.num_proc is None:
+        from rewardforge.data.datasets import resolve_num_proc
+
+        args.num_proc = resolve_num_proc(None)
     for mode, fn in (("build", child_build), ("load", child_load), ("share", child_share)):
         if getattr(args, f"_{mode}"):
             res = fn(args)

@@ -96,15 +96,41 @@ def test_parallel_build_of_rated_rows_gives_the_same_bytes(tmp_path, tok, monkey
     assert one.labels.shape == (300, 2) and np.isnan(one.labels[0, 1]) and one.labels[1, 1] == 1.0
 
 
+def test_an_error_in_a_worker_is_the_same_one_line_error(tmp_path, tok, monkeypatch):
+    monkeypatch.setattr(D, "CHUNK_EXAMPLES", 64)
+    special = len(tok("a")["input_ids"]) - len(tok("a", add_special_tokens=False)["input_ids"])
+    if not special:
+        pytest.skip("this tokenizer adds no special tokens: no max_length leaves too little room for them")
+    f = write_jsonl(tmp_path / "pairs.jsonl", [r for r in _rows(300) if "rejected" in r])
+    for num_proc in (1, 2):
+        with pytest.raises(DataError, match=rf"^data\.max_length={special} leaves no room for content after the {special} special tokens$"):
+            build_dataset([str(f)], tok, kind="pairs", max_length=special, cache_dir=str(tmp_path / f"c{num_proc}"), num_proc=num_proc)
+        assert not list((tmp_path / f"c{num_proc}").glob("*/data.arrow"))  # nothing half-built left behind
+
+
+def _die(texts, starts):
+    os._exit(9)  # as a worker the kernel's OOM killer ends
+
+
+def test_a_worker_that_dies_is_a_data_error_naming_the_fix(tmp_path, tok, monkeypatch):
+    monkeypatch.setattr(D, "CHUNK_EXAMPLES", 64)
+    monkeypatch.setattr(T, "_work", _die)
+    f = write_jsonl(tmp_path / "pairs.jsonl", [r for r in _rows(300) if "rejected" in r])
+    with pytest.raises(DataError, match=r"a tokenizer worker process died .* set data\.num_proc lower than 2, or to 1"):
+        build_dataset([str(f)], tok, kind="pairs", max_length=64, cache_dir="none", num_proc=2)
+
+
 @pytest.mark.skipif(not HH.is_dir(), reason="needs the HH-RLHF files in ../shared/data/hh_rlhf (see its README)")
-def test_parallel_build_of_hh_rlhf_gives_the_same_bytes(tmp_path, tok, monkeypatch):
-    monkeypatch.setattr(D, "CHUNK_EXAMPLES", 256)
-    entries = [{"path": str(HH / "harmless-base.test.jsonl.gz"), "max_rows": 600},
-               {"path": str(HH / "helpful-online.test.jsonl.gz"), "max_rows": 600}]
+def test_parallel_build_of_hh_rlhf_gives_the_same_bytes(tmp_path, tiny_model, monkeypatch):
+    tok = load_tokenizer(str(tiny_model("bert")))  # (WordPiece, prompt and response apart; the BPE path: the tests above)
+    setup_template(tok, "auto")
+    monkeypatch.setattr(D, "CHUNK_EXAMPLES", 100)  # 5 chunks
+    entries = [{"path": str(HH / "harmless-base.test.jsonl.gz"), "max_rows": 250},
+               {"path": str(HH / "helpful-online.test.jsonl.gz"), "max_rows": 250}]
     _, rep = build_dataset(entries, tok, kind="pairs", max_length=64, cache_dir=str(tmp_path / "one"), num_proc=1)
     build_dataset(entries, tok, kind="pairs", max_length=64, cache_dir=str(tmp_path / "two"), num_proc=2)
     _assert_same_build(str(tmp_path / "one"), str(tmp_path / "two"))
-    assert rep.rows_read == 1200 and [s["rows_read"] for s in rep.per_source] == [600, 600]
+    assert rep.rows_read == 500 and [s["rows_read"] for s in rep.per_source] == [250, 250]
     assert rep.truncation["truncated_prompt"] > 0
 
 

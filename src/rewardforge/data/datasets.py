@@ -32,7 +32,7 @@ from rewardforge.data.inputs import InputFormat
 from rewardforge.data.readers import DataError, expand_sources, fingerprint_sources, read_rows
 from rewardforge.data.store import (
     FLOATS, TOKENS, JSONColumn, TableWriter, TextColumn, TokenColumn, float_matrix, float_rows, numbers, open_table,
-    text_array, token_array,
+    plain_array, text_array, token_array,
 )
 from rewardforge.data.template import TextRenderer
 from rewardforge.data.tokenize import ChunkTokenizer, TruncationStats, add_stats
@@ -276,14 +276,17 @@ def json_safe(extra: dict) -> dict:
 
 
 def resolve_num_proc(num_proc: int | None) -> int:
-    """Worker processes of a cold build: ``None`` is one per CPU core this process may use; 0 and 1 are this process."""
+    """Worker processes of a cold build (1: this process). ``None``: one per CPU core this process may use, except on 1-2
+    cores, where this process alone was faster (its Rust tokenizer threads each batch over both cores, and workers
+    cost ~25% more CPU per pair: bench/data_scale.py)."""
     if num_proc is None:
         try:
-            return len(os.sched_getaffinity(0))
+            cores = len(os.sched_getaffinity(0))
         except AttributeError:  # not on Linux
-            return os.cpu_count() or 1
+            cores = os.cpu_count() or 1
+        return cores if cores > 2 else 1
     if num_proc < 0:
-        raise DataError(f"data.num_proc={num_proc} is not valid; give a number of processes >= 0 (0 or 1: this process) or null (one per core)")
+        raise DataError(f"data.num_proc={num_proc} is not valid; give a number of processes >= 0 (0 or 1: this process) or null (the default)")
     return max(1, int(num_proc))
 
 
@@ -352,8 +355,8 @@ def build_dataset(
         cache_dir: directory of the tokenization cache; ``"none"`` disables it.
         drop_duplicates: exclude a pair whose rendered texts repeat an earlier pair's (counted as
             ``duplicate_pairs``).
-        num_proc: processes that tokenize a cold build (``None``: one per core; 0 or 1: this process). The
-            dataset is the same byte for byte whatever the number.
+        num_proc: processes that tokenize a cold build (``None``: one per core, this process alone on 1-2 cores;
+            0 or 1: this process). The dataset is the same byte for byte whatever the number.
 
     Returns:
         ``(dataset, DataReport)``; the dataset's token ids are memory-mapped from its Arrow file.
@@ -405,7 +408,7 @@ def _write_examples(entries: list[_Entry], tokenizer, st: _Settings, writer: Tab
     for rendered, chunk in tokenize.map(render(examples, TextRenderer(tokenizer), st, report)):
         add_stats(stats, chunk.stats)
         batch = to_batch(rendered, chunk, report)
-        for k, n in zip(*np.unique(batch.column("source").to_numpy(), return_counts=True)):
+        for k, n in zip(*np.unique(numbers(batch.column("source"), np.int32), return_counts=True)):
             report.per_source[int(k)]["examples"] += int(n)
         writer.write(batch)
     report.rows_read = parse_report.rows_read
@@ -509,9 +512,9 @@ def _pair_batch(rendered: _Rendered, chunk, report: DataReport) -> pa.RecordBatc
 
     k = np.flatnonzero(keep)
     return pa.record_batch([
-        side(kept_seqs & chosen), side(kept_seqs & ~chosen), pa.array(np.asarray(rendered.values, np.float32)[k]),
+        side(kept_seqs & chosen), side(kept_seqs & ~chosen), plain_array(np.asarray(rendered.values, np.float32)[k], pa.float32()),
         text_array(rendered.keys[i] for i in k), text_array(rendered.extras[i] for i in k),
-        pa.array(np.asarray(rendered.sources, np.int32)[k]),
+        plain_array(np.asarray(rendered.sources, np.int32)[k], pa.int32()),
     ], schema=PairDataset.SCHEMA)
 
 
@@ -533,7 +536,7 @@ def _rated_batch(rendered: _Rendered, chunk, report: DataReport) -> pa.RecordBat
     labels = labels.reshape(len(rendered.keys), labels.size // max(len(rendered.keys), 1))
     return pa.record_batch([
         token_array(chunk.values, chunk.lengths), float_rows(labels), text_array(rendered.keys), text_array(rendered.extras),
-        pa.array(np.asarray(rendered.sources, np.int32)),
+        plain_array(np.asarray(rendered.sources, np.int32), pa.int32()),
     ], schema=RatedDataset.SCHEMA)
 
 

@@ -533,6 +533,8 @@ class ChunkTokenizer:
             for texts, starts, payload in itertools.chain(head, chunks):
                 yield payload, tokenize_chunk(self.tokenizer, texts, starts, *self.settings)
             return
+        from concurrent.futures.process import BrokenProcessPool
+
         pool = self._start_pool()
         try:
             pending: collections.deque = collections.deque()
@@ -544,6 +546,10 @@ class ChunkTokenizer:
             while pending:
                 payload, future = pending.popleft()
                 yield payload, future.result()
+        except BrokenProcessPool:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise DataError(f"a tokenizer worker process died (killed, e.g. out of memory?); set data.num_proc lower than "
+                            f"{self.num_proc}, or to 1 to tokenize in the building process") from None
         except BaseException:
             pool.shutdown(wait=False, cancel_futures=True)
             raise
