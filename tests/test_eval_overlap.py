@@ -71,7 +71,7 @@ def test_long_phases_show_progress(run_dir, tiny_model, tmp_path, capsys):
     with show_progress():
         build_dataset([str(data)], tok, kind="pairs", cache_dir="none")
     err = capsys.readouterr().err
-    assert "data: read" in err and "data: render" in err
+    assert "data: read, render, tokenize" in err and "rows" in err  # the streamed build: one bar over its rows
     build_dataset([str(data)], tok, kind="pairs", cache_dir="none")  # off by default: library calls stay quiet
     assert capsys.readouterr().err == ""
     evaluate_model([str(run / "model")], [str(data), str(data)], None, progress=True)

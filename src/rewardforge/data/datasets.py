@@ -425,7 +425,7 @@ def _read_examples(entries: list[_Entry], st: _Settings, parse_report: ParseRepo
     current = [0]  # the entry of the row read last: parse_rows yields an example right after reading its last row
 
     def rows():
-        with progress_bar(None, "data", "rows") as bar:
+        with progress_bar(None, "data: read, render, tokenize", "rows") as bar:  # one streamed pipeline, one bar
             for k, entry in enumerate(entries):
                 current[0] = k
                 for row in entry.rows(st.split):
