@@ -422,14 +422,11 @@ def test_truncated_gzip(tmp_path, tok):
     data = gzip.compress("".join(line + "\n" for line in lines).encode())
     f = tmp_path / "t.jsonl.gz"
     f.write_bytes(data[: len(data) // 2])
-    with pytest.raises(DataError, match=r"t\.jsonl\.gz:\d+: the gzip file is damaged or truncated") as e:
-        pairs_ds([f], tok)
-    bad_line = int(str(e.value).split(".jsonl.gz:")[1].split(":")[0])
-    assert 1 < bad_line < 2000  # the lines before the damage were read
-    ds, rep = pairs_ds([f], tok, skip_bad_rows=True)
-    # Every complete line before the damage is an example; the damaged rest counts as one bad row.
-    assert rep.skipped_bad_rows == 1 and rep.examples == bad_line - 1 and rep.rows_read == bad_line
-    assert "damaged or truncated" in rep.bad_row_messages[0]
+    # A stream that ends early cannot be told from damage, so no line of it is read, with or without skip_bad_rows.
+    for skip in (False, True):
+        with pytest.raises(DataError, match=r"t\.jsonl\.gz: is damaged or truncated: its compressed data ends early, "
+                                            r"so no line of it can be trusted; re-download or re-compress the file"):
+            pairs_ds([f], tok, skip_bad_rows=skip)
 
 
 def test_skip_bad_rows_counts_every_kind(tmp_path, tok):

@@ -28,7 +28,6 @@ import math
 import os
 import re
 import tempfile
-import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -744,23 +743,11 @@ def test_truncated_gzip(data):
         blob = Path(path).read_bytes()
         cut = data.draw(st.integers(2, len(blob) - 1), "cut")  # (one byte is not even a gzip header: "not a gzip file")
         Path(path).write_bytes(blob[:cut])
-        if reader != "jsonl.gz":  # a list or table cut short is unreadable as a whole
-            for skip in (False, True):
-                with pytest.raises(DataError, match="ends early|truncated|cannot read Parquet|corrupt") as e:
-                    parse(path, fmt, skip=skip)
-                assert str(e.value).startswith(path)
-            return
-        # JSONL: every line before the damage is read exactly; the damage is one bad row at its line
-        d_obj = zlib.decompressobj(wbits=31)
-        available = d_obj.decompress(blob[:cut])
-        complete = available.count(b"\n")
-        with pytest.raises(DataError, match=r"damaged or truncated: it ends early") as e:
-            parse(path, fmt)
-        assert str(e.value).startswith(f"{path}:{complete + 1}: ")
-        report = ParseReport()
-        out = parse(path, fmt, skip=True, report=report)
-        assert [as_tuple(o) for o in out] == expected[:complete]
-        assert report.skipped == {"bad_row": 1} and report.rows_read == complete + 1
+        # A cut stream cannot be told from one damaged into ending early, so no reader yields any of its rows.
+        for skip in (False, True):
+            with pytest.raises(DataError, match="ends early|truncated|cannot read Parquet|corrupt") as e:
+                parse(path, fmt, skip=skip)
+            assert str(e.value).startswith(path)
 
 
 @_settings(60)
