@@ -53,23 +53,7 @@ MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 MB = 1024 * 1024
 
 
-def cpu_flags() -> str:
-    """The CPU's model name and which of avx2 / avx512_bf16 / amx it has (from /proc/cpuinfo), and torch's kernels."""
-    import torch
-
-    name, flags = "unknown CPU", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and name == "unknown CPU":
-                name = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    have = {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")}
-    return (f"CPU: {name}, {os.cpu_count()} cores; " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in have.items())
-            + f"; torch {torch.__version__} kernels {torch.backends.cpu.get_cpu_capability()}")
+from cpuinfo import cpu_flags  # noqa: E402 (bench/ is the script's directory)
 
 
 def load() -> str:
