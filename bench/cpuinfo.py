@@ -18,7 +18,7 @@ def cpu_flags() -> str:
             elif line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 break
-    except OSError:
+    except OSError:  # no /proc/cpuinfo (not Linux): the flags print as 'no', the name as unknown
         pass
     have = {f: f in flags for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")}
     return (f"CPU: {name}, {os.cpu_count()} cores; " + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in have.items())

@@ -129,7 +129,7 @@ class TreeSampler:
                     try:
                         info = p.memory_full_info()
                         pss, rss = pss + info.pss, rss + info.rss
-                    except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    except (psutil.NoSuchProcess, psutil.AccessDenied):  # a worker that exited between listing and reading
                         pass
                 self.peak_pss, self.peak_rss = max(self.peak_pss, pss), max(self.peak_rss, rss)
                 self.peak_procs = max(self.peak_procs, len(procs))

@@ -41,7 +41,7 @@ def cpu_flags() -> dict[str, bool]:
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 break
-    except OSError:
+    except OSError:  # no /proc/cpuinfo (not Linux): every flag reads as absent
         pass
     return {"avx2": "avx2" in flags, "avx512_bf16": "avx512_bf16" in flags, "amx": any(f.startswith("amx") for f in flags)}
 

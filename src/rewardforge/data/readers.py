@@ -479,7 +479,7 @@ def _file_digest(path: str, memo_dir: Path | None) -> bytes:
             saved = json.loads(memo.read_text())
             if saved["stamp"] == stamp:
                 return bytes.fromhex(saved["sha256"])
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError):  # no memo yet, or an unreadable one: hash the file
             pass
     h = hashlib.sha256()
     with open(path, "rb") as fh:

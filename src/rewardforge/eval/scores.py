@@ -142,6 +142,19 @@ def training_overlap(ps: PairScores, fingerprint: Mapping[str, Any]) -> dict[str
             "accuracy_unseen": acc(~seen) if (~seen).any() else None}
 
 
+def _score_groups(scorer, groups, *, progress: bool, desc: str) -> tuple[list[np.ndarray], int]:
+    """The rewards of every response of each group (a best-of-N row or a list: ``prompt``, ``responses``), scored
+    together, and the number of truncated sequences."""
+    texts, starts = [], []
+    for it in groups:
+        for r in it.responses:
+            t, s = render_item(scorer, it.prompt, r, it.where)
+            texts.append(t), starts.append(s)
+    reward, _, trunc = _score_all(scorer, texts, starts, progress=progress, desc=desc)
+    bounds = np.cumsum([len(it.responses) for it in groups])[:-1]
+    return (np.split(reward, bounds) if len(groups) else []), trunc
+
+
 def score_dataset(scorer, ds: EvalDataset, *, subset_field: str | None = None, strength_field: str | None = None,
                   progress: bool = False, desc: str = "") -> tuple[Any, str]:
     """Score one dataset; returns (PairScores | BestOfNScores | RatedScores | None, length unit)."""
@@ -165,25 +178,12 @@ def score_dataset(scorer, ds: EvalDataset, *, subset_field: str | None = None, s
                           m[:n] if m is not None else None, m[n:] if m is not None else None), unit
     if ds.kind == "best_of_n":
         items: list[BestOfN] = ds.items
-        texts, starts, owner = [], [], []
-        for i, it in enumerate(items):
-            for r in it.responses:
-                t, s = render_item(scorer, it.prompt, r, it.where)
-                texts.append(t), starts.append(s), owner.append(i)
-        reward, _, trunc = _score_all(scorer, texts, starts, progress=progress, desc=desc)
-        owner_a = np.asarray(owner)
-        rewards = [reward[owner_a == i] for i in range(len(items))]
+        rewards, trunc = _score_groups(scorer, items, progress=progress, desc=desc)
         return BestOfNScores(rewards, [it.best for it in items], [group_of(it.extra, subset_field) for it in items], trunc), "tokens"
     if ds.kind == "lists":
         lists = ds.items
-        texts, starts, owner = [], [], []
-        for i, it in enumerate(lists):
-            for r in it.responses:
-                t, s = render_item(scorer, it.prompt, r, it.where)
-                texts.append(t), starts.append(s), owner.append(i)
-        reward, _, trunc = _score_all(scorer, texts, starts, progress=progress, desc=desc)
-        owner_a = np.asarray(owner)
-        return ListScores([reward[owner_a == i] for i in range(len(lists))], [it.scores for it in lists],
+        rewards, trunc = _score_groups(scorer, lists, progress=progress, desc=desc)
+        return ListScores(rewards, [it.scores for it in lists],
                           [group_of(it.extra, subset_field) for it in lists], trunc), "tokens"
     if ds.kind == "rated":
         items_r: list[RatedResponse] = ds.items
