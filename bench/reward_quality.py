@@ -20,7 +20,9 @@ Variants (rewardforge; each changes one thing from ``defaults``):
   today's defaults);
 * ``drop_over_length``: trained only on the pairs TRL keeps (both sides within max_length), as TRL does;
 * ``response_right``: ``data.truncation=response_right`` (keep the start of the prompt, cut the response's end);
-* ``dense_last_layer``: ``model.sparse_last_layer=false`` (an exact fast path: should change nothing).
+* ``dense_last_layer``: ``model.sparse_last_layer=false`` (an exact fast path: should change nothing);
+* ``head_lr10`` / ``head_lr100``: today's defaults with ``train.head_lr_multiplier`` 10 / 100 (the random head
+  learns at 10x / 100x the backbone's rate).
 
 (Resuming is checked for exactness by tests/test_train.py and tests/test_reliability.py, and ``rf_eager``
 is used only under bf16_master; neither is re-measured here.)
@@ -56,6 +58,9 @@ VARIANTS = {
     "drop_over_length": [],  # trained on TRL's kept pairs
     "response_right": ["data.truncation=response_right"],
     "dense_last_layer": ["model.sparse_last_layer=false"],
+    # on top of today's defaults (trl_schedule):
+    "head_lr10": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "train.head_lr_multiplier=10"],
+    "head_lr100": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "train.head_lr_multiplier=100"],
 }
 # what train_vs_trl's rewardforge worker pins (for a like-for-like speed comparison) that the defaults differ in
 DEFAULT_OVERRIDES = ["train.lr_scheduler=cosine", "train.warmup_ratio=0.03"]

@@ -296,3 +296,25 @@ def test_clip_gradients_reports_a_non_finite_norm():
     p = torch.nn.Parameter(torch.zeros(3))
     p.grad = torch.tensor([1.0, float("nan"), 2.0])
     assert math.isnan(clip_gradients([p], 1.0))
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")
+def test_head_lr_multiplier_scales_only_the_heads_learning_rate_through_the_schedule(tiny_model, pairs_file, tmp_path):
+    from rewardforge.train import setup
+
+    run = setup(load_config(None, _base(tiny_model("gpt2"), pairs_file, tmp_path / "o", "train.max_steps=4",
+                                        "train.head_lr_multiplier=10", "train.warmup_ratio=0.5")))
+    head = {id(p) for p in run.bare_model().head().parameters()}
+    groups = run.optimizer.param_groups
+    assert head
+    run.scheduler.step()  # step 1 of 2 warmup steps: half of each group's peak
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    body = [lr for i, lr in lr_of.items() if i not in head]
+    assert {round(lr_of[i], 12) for i in head} == {round(10 * 1e-3 / 2, 12)}
+    assert set(round(lr, 12) for lr in body) == {round(1e-3 / 2, 12)}
+    assert len(lr_of) == sum(p.requires_grad for p in run.bare_model().parameters())
+
+
+def test_head_lr_multiplier_must_be_positive(tiny_model, pairs_file, tmp_path):
+    with pytest.raises(ConfigError, match="train.head_lr_multiplier must be a finite number > 0, got 0.0"):
+        load_config(None, _base(tiny_model("gpt2"), pairs_file, tmp_path / "o", "train.head_lr_multiplier=0"))

@@ -111,6 +111,7 @@ class TrainConfig:
     batch_size: int = _f(8, "Pairs (or rated responses, or lists for listwise) per micro-batch per process.")
     gradient_accumulation_steps: int = _f(1, "Micro-batches per optimizer step.")
     learning_rate: float = _f(1e-5, "Peak learning rate of AdamW.")
+    head_lr_multiplier: float = _f(1.0, "The reward head's learning rate is train.learning_rate times this (the head starts random while the backbone is pretrained; bench/reward_quality.py measures it).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     adam_beta1: float = _f(0.9, "AdamW beta1.")
     adam_beta2: float = _f(0.999, "AdamW beta2.")
@@ -212,6 +213,8 @@ def validate(cfg: Config) -> None:
         )
     if not 0.0 < cfg.train.learning_rate < float("inf"):  # also rejects nan
         raise ConfigError(f"train.learning_rate must be a finite number > 0, got {cfg.train.learning_rate}")
+    if not 0.0 < cfg.train.head_lr_multiplier < float("inf"):
+        raise ConfigError(f"train.head_lr_multiplier must be a finite number > 0, got {cfg.train.head_lr_multiplier}")
     if not 0.0 <= cfg.train.warmup_ratio < 1.0:
         raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {cfg.train.warmup_ratio}")
     if cfg.model.attribute_weights and cfg.model.attributes and len(cfg.model.attribute_weights) != len(cfg.model.attributes):
