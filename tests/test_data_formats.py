@@ -6,6 +6,7 @@ import gzip
 import json
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -472,3 +473,21 @@ def test_setup_template_choices(tiny_model):
     q = load_tokenizer(str(tiny_model("qwen2")))
     assert setup_template(q, "auto") == "tokenizer" and "im_start" in q.chat_template
     assert setup_template(q, "plain") == "plain" and "Human: " in q.chat_template
+
+
+def test_the_shipped_synthetic_data_keeps_validation_questions_out_of_training(tmp_path):
+    """The quickstart's validation accuracy is on prompts the model never saw (eval's overlap check agrees)."""
+    from rewardforge.data.synthetic import TOPICS, write, write_lists
+
+    questions = {q.lower() for q, _ in TOPICS}
+
+    def asked(path):
+        rows = [json.loads(line) for line in open(path, encoding="utf-8")]
+        return {q for r in rows for q in questions if r["prompt"].lower().endswith(q)}
+
+    for writer in (write, write_lists):
+        tr, va = writer(tmp_path / writer.__name__)
+        assert asked(tr) and asked(va) and not asked(tr) & asked(va)
+    for shipped in ("quickstart", "lists"):
+        root = Path(__file__).resolve().parents[1] / "examples" / shipped
+        assert not asked(root / "train.jsonl") & asked(root / "validation.jsonl"), f"regenerate examples/{shipped}"

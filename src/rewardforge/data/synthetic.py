@@ -3,6 +3,8 @@
 Each pair asks a question from a fixed set of topics. The chosen answer is on topic, correct and
 polite; the rejected one is rude, a needless refusal, vague, or the answer to a different question.
 A reward model should learn this quickly (>= 80% validation accuracy within one short run).
+:func:`write` keeps the questions of the validation file out of the training file (:data:`VALIDATION_TOPICS`),
+so its validation accuracy is measured on prompts the model never saw.
 
     python -m rewardforge.data.synthetic --out examples/quickstart
 """
@@ -61,14 +63,18 @@ REFUSALS = [
 ]
 VAGUE = ["It depends.", "Maybe, maybe not.", "There are many ways to think about it.", "Hard to say really.", "Things vary."]
 PREFIXES = ["", "Hi! ", "Quick question: ", "Could you help me? ", "I was wondering, "]
+# the questions only the validation files ask (every fifth): validation prompts are never training prompts
+VALIDATION_TOPICS = tuple(range(0, len(TOPICS), 5))
+TRAIN_TOPICS = tuple(i for i in range(len(TOPICS)) if i not in VALIDATION_TOPICS)
 
 
-def generate(n: int, seed: int = 0) -> list[dict]:
-    """``n`` explicit-format pairs ``{"prompt", "chosen", "rejected", "subset"}``; the subset names the kind of rejection."""
+def generate(n: int, seed: int = 0, topics: tuple[int, ...] | None = None) -> list[dict]:
+    """``n`` explicit-format pairs ``{"prompt", "chosen", "rejected", "subset"}``; the subset names the kind of
+    rejection. ``topics``: the indices into :data:`TOPICS` the questions come from (default: all)."""
     rng = random.Random(seed)
     pairs = []
     for _ in range(n):
-        qi = rng.randrange(len(TOPICS))
+        qi = rng.choice(topics) if topics else rng.randrange(len(TOPICS))
         question, answer = TOPICS[qi]
         prompt = rng.choice(PREFIXES) + (question if not rng.random() < 0.5 else question[0].lower() + question[1:])
         if prompt[:1].islower():
@@ -92,10 +98,10 @@ def generate(n: int, seed: int = 0) -> list[dict]:
 LIST_GRADES = {"helpful": 3.0, "off_topic": 2.0, "refusal": 1.0, "vague": 1.0, "rude": 0.0}
 
 
-def generate_lists(n: int, seed: int = 0, k: int = 4) -> list[dict]:
+def generate_lists(n: int, seed: int = 0, k: int = 4, topics: tuple[int, ...] | None = None) -> list[dict]:
     """``n`` list rows ``{"prompt", "responses", "scores", "kinds"}`` of ``k`` (2..5) responses each: a helpful
     answer and ``k - 1`` distinct other kinds, shuffled, scored by :data:`LIST_GRADES` (refusal and vague
-    tie at 1: ties are kept as ties). For ``model.reward_model_type=listwise``.
+    tie at 1: ties are kept as ties). For ``model.reward_model_type=listwise``. ``topics`` as :func:`generate`.
 
     Example:
         >>> row = generate_lists(1, k=3)[0]
@@ -107,7 +113,7 @@ def generate_lists(n: int, seed: int = 0, k: int = 4) -> list[dict]:
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
-        qi = rng.randrange(len(TOPICS))
+        qi = rng.choice(topics) if topics else rng.randrange(len(TOPICS))
         question, answer = TOPICS[qi]
         prompt = rng.choice(PREFIXES) + question
         kinds = ["helpful"] + rng.sample([x for x in LIST_GRADES if x != "helpful"], k - 1)
@@ -123,24 +129,27 @@ def generate_lists(n: int, seed: int = 0, k: int = 4) -> list[dict]:
 
 
 def write(out_dir: str | Path, n_train: int = 1000, n_validation: int = 200, seed: int = 0) -> tuple[Path, Path]:
+    """Write :func:`generate` pairs to ``out_dir/train.jsonl`` and ``out_dir/validation.jsonl``, the validation
+    questions (:data:`VALIDATION_TOPICS`) held out of training."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, n, s in (("train", n_train, seed), ("validation", n_validation, seed + 1)):
+    for name, n, s, topics in (("train", n_train, seed, TRAIN_TOPICS), ("validation", n_validation, seed + 1, VALIDATION_TOPICS)):
         p = out / f"{name}.jsonl"
-        p.write_text("".join(json.dumps(r) + "\n" for r in generate(n, s)))
+        p.write_text("".join(json.dumps(r) + "\n" for r in generate(n, s, topics)))
         paths.append(p)
     return paths[0], paths[1]
 
 
 def write_lists(out_dir: str | Path, n_train: int = 300, n_validation: int = 60, seed: int = 0, k: int = 4) -> tuple[Path, Path]:
-    """Write :func:`generate_lists` rows to ``out_dir/train.jsonl`` and ``out_dir/validation.jsonl``."""
+    """Write :func:`generate_lists` rows to ``out_dir/train.jsonl`` and ``out_dir/validation.jsonl``, the
+    validation questions held out of training as in :func:`write`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, n, s in (("train", n_train, seed), ("validation", n_validation, seed + 1)):
+    for name, n, s, topics in (("train", n_train, seed, TRAIN_TOPICS), ("validation", n_validation, seed + 1, VALIDATION_TOPICS)):
         p = out / f"{name}.jsonl"
-        p.write_text("".join(json.dumps(r) + "\n" for r in generate_lists(n, s, k)))
+        p.write_text("".join(json.dumps(r) + "\n" for r in generate_lists(n, s, k, topics)))
         paths.append(p)
     return paths[0], paths[1]
 
