@@ -290,9 +290,17 @@ def test_every_endpoint_serves_mean_std_members_and_the_penalised_reward(resume_
             v2 = c.post("/v2/models/reward_model/infer", json={
                 "inputs": [{"name": "sentences", "datatype": "BYTES", "shape": [2, 1], "data": texts}]}).json()
             meta = c.get("/v2/models/reward_model").json()
+        from rewardforge.client import RewardClient
+
+        with RewardClient(server.url) as rc:
+            typed = rc.score_detailed([it["prompt"] for it in items], [it["response"] for it in items])
     finally:
         server.stop()
     penalised = want.mean - 0.5 * want.std
+    for i, t in enumerate(typed):  # the client's typed fields: the same numbers, nothing left in extra
+        assert (t.reward_mean, t.reward_std) == (pytest.approx(float(want.mean[i]), abs=1e-5), pytest.approx(float(want.std[i]), abs=1e-5))
+        np.testing.assert_allclose(t.members, want.members[i], atol=1e-5)
+        assert t.reward == pytest.approx(float(penalised[i]), abs=1e-5) and not {"reward_mean", "reward_std", "members"} & set(t.extra)
     for i, r in enumerate(res):
         assert r["reward"] == pytest.approx(float(penalised[i]), abs=1e-5)
         assert r["reward_mean"] == pytest.approx(float(want.mean[i]), abs=1e-5)

@@ -595,6 +595,7 @@ def test_sync_and_async_clients(binary_server, binary_scorer):
         np.testing.assert_allclose(c.score(prompts, responses), want, atol=1e-4)
         detailed = c.score_detailed(prompts, responses)
         assert [d.num_tokens for d in detailed] == list(binary_scorer.score_detailed(prompts, responses).num_tokens)
+        assert all(d.reward_mean is None and d.reward_std is None and d.members is None for d in detailed)  # one model
         np.testing.assert_allclose(c.score(prompts, responses, normalized=True), (want - 0.25) / 0.5, atol=1e-4)
         with pytest.raises(RewardServerError, match="422"):
             c.score_items([{"text": 5}])

@@ -44,15 +44,24 @@ class ScoreResult:
     truncated: bool
     attributes: dict[str, float] | None = None
     text: str | None = None
+    # ensembles (model.ensemble_size=K): the members' mean and standard deviation, and each member's reward
+    # (``reward`` is ``reward_mean - uncertainty_penalty x reward_std``); None for a single model
+    reward_mean: float | None = None
+    reward_std: float | None = None
+    members: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "ScoreResult":
-        known = {"reward", "reward_normalized", "num_tokens", "truncated", "attributes", "text"}
+        known = {"reward", "reward_normalized", "num_tokens", "truncated", "attributes", "text", "reward_mean",
+                 "reward_std", "members"}
+        opt = lambda k: None if d.get(k) is None else float(d[k])  # noqa: E731
         return cls(
             reward=float(d["reward"]), reward_normalized=float(d["reward_normalized"]),
             num_tokens=int(d["num_tokens"]), truncated=bool(d["truncated"]),
             attributes=d.get("attributes"), text=d.get("text"),
+            reward_mean=opt("reward_mean"), reward_std=opt("reward_std"),
+            members=None if d.get("members") is None else [float(v) for v in d["members"]],
             extra={k: v for k, v in d.items() if k not in known},
         )
 
