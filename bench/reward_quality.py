@@ -22,7 +22,9 @@ Variants (rewardforge; each changes one thing from ``defaults``):
 * ``response_right``: ``data.truncation=response_right`` (keep the start of the prompt, cut the response's end);
 * ``dense_last_layer``: ``model.sparse_last_layer=false`` (an exact fast path: should change nothing);
 * ``head_lr10`` / ``head_lr100``: today's defaults with ``train.head_lr_multiplier`` 10 / 100 (the random head
-  learns at 10x / 100x the backbone's rate).
+  learns at 10x / 100x the backbone's rate);
+* ``ema99`` / ``ema995``: today's defaults, validating and exporting the weights' moving average
+  (``train.ema_decay`` 0.99 / 0.995: about the last 100 / 200 of the ~950 steps).
 
 (Resuming is checked for exactness by tests/test_train.py and tests/test_reliability.py, and ``rf_eager``
 is used only under bf16_master; neither is re-measured here.)
@@ -61,6 +63,8 @@ VARIANTS = {
     # on top of today's defaults (trl_schedule):
     "head_lr10": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "train.head_lr_multiplier=10"],
     "head_lr100": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "train.head_lr_multiplier=100"],
+    "ema99": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "train.ema_decay=0.99"],
+    "ema995": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "train.ema_decay=0.995"],
 }
 # what train_vs_trl's rewardforge worker pins (for a like-for-like speed comparison) that the defaults differ in
 DEFAULT_OVERRIDES = ["train.lr_scheduler=cosine", "train.warmup_ratio=0.03"]

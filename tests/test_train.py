@@ -318,3 +318,86 @@ def test_head_lr_multiplier_scales_only_the_heads_learning_rate_through_the_sche
 def test_head_lr_multiplier_must_be_positive(tiny_model, pairs_file, tmp_path):
     with pytest.raises(ConfigError, match="train.head_lr_multiplier must be a finite number > 0, got 0.0"):
         load_config(None, _base(tiny_model("gpt2"), pairs_file, tmp_path / "o", "train.head_lr_multiplier=0"))
+
+
+def test_weight_average_on_hand_computed_numbers():
+    """avg <- avg + (1 - d_t)(param - avg), d_t = min(decay, (1 + t) / (10 + t)); swapped in and out exactly."""
+    from rewardforge.training.ema import WeightAverage
+
+    lin = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(1.0)
+    ema = WeightAverage(lin, decay=0.5)
+    avg = 1.0
+    for t, w in enumerate([3.0, 5.0, -1.0]):
+        with torch.no_grad():
+            lin.weight.fill_(w)
+        ema.update()
+        d = min(0.5, (1 + t) / (10 + t))  # 0.1, 2/11, 0.25: the warm-up, then...
+        avg = avg + (1 - d) * (w - avg)
+        assert ema.average[0].item() == pytest.approx(avg, abs=1e-6)
+    with ema.swapped_in():
+        assert lin.weight.item() == pytest.approx(avg, abs=1e-6)
+        with ema.swapped_in():  # nested: still the average
+            assert lin.weight.item() == pytest.approx(avg, abs=1e-6)
+    assert lin.weight.item() == -1.0 and ema.average[0].item() == pytest.approx(avg, abs=1e-6)
+    with pytest.raises(ValueError, match="decay must be in"):
+        WeightAverage(lin, decay=1.0)
+
+
+@pytest.fixture(scope="module")
+def ema_runs(tiny_model, pairs_file, tmp_path_factory):
+    """With train.ema_decay: an uninterrupted 8-step run and one resumed from its step-4 checkpoint."""
+    root = tmp_path_factory.mktemp("ema")
+    args = _base(tiny_model("llama"), pairs_file, root / "a", "train.max_steps=8", "train.save_steps=4",
+                 "train.ema_decay=0.6", "train.save_total_limit=0", "train.eval_steps=4")
+    full = run_training(load_config(None, args), progress=False)
+    (root / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(root / "a/checkpoints/step-4", root / "b/checkpoints/step-4")
+    resumed = run_training(load_config(None, [a.replace(str(root / "a"), str(root / "b")) for a in args] + ["train.resume_from=auto"]), progress=False)
+    return root, full, resumed
+
+
+def test_ema_is_what_is_validated_and_exported_and_resumes_bitwise(ema_runs, tmp_path):
+    from rewardforge.training.distributed import MODEL_STATE_DIR
+
+    root, full, resumed = ema_runs
+    avg = load_file(root / "a/checkpoints/step-8/ema.safetensors")
+    exported = load_file(root / "a/model/model.safetensors")
+    assert int(avg.pop("__updates__")) == 8
+    for name, v in avg.items():  # the export holds the average (parameter names: RewardModel's "model." prefix off)
+        torch.testing.assert_close(exported[name.removeprefix("model.")], v, rtol=0, atol=0)
+    assert any(not torch.equal(exported[n.removeprefix("model.")], v) for n, v in  # ... not the last weights
+               _last_weights(root / "a/checkpoints/step-8" / MODEL_STATE_DIR).items() if n.removeprefix("model.") in exported)
+    assert full["validated_weights"].startswith("exponential moving average (train.ema_decay=0.6)")
+    resumed_avg = load_file(root / "b/checkpoints/step-8/ema.safetensors")
+    for name, v in avg.items():
+        assert torch.equal(resumed_avg[name], v), name
+    assert full["final_validation"] == resumed["final_validation"]
+    from rewardforge.train import export_checkpoint
+
+    again = load_file(export_checkpoint(root / "a/checkpoints/step-8", tmp_path / "again") / "model.safetensors")
+    for name, v in exported.items():  # exporting the checkpoint exports its average too
+        assert torch.equal(again[name], v), name
+
+
+def _last_weights(state_dir: Path) -> dict[str, torch.Tensor]:
+    """The trained (not averaged) weights of a checkpoint's torch.distributed.checkpoint state."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(state_dir), str(state_dir.parent / "flat.pt"))
+    state = torch.load(state_dir.parent / "flat.pt", weights_only=False)
+    model = state.get("model", state)
+    return {k: v for k, v in model.items() if torch.is_tensor(v)}
+
+
+def test_ema_resume_of_a_checkpoint_without_averages_names_the_fix(resume_runs, tiny_model, pairs_file, tmp_path):
+    root, _, _ = resume_runs
+    (tmp_path / "o" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(root / "a/checkpoints/step-4", tmp_path / "o/checkpoints/step-4")
+    args = _base(tiny_model("llama"), pairs_file, tmp_path / "o", "train.max_steps=8", "train.ema_decay=0.6",
+                 "train.resume_from=auto")
+    with pytest.raises(Exception, match="has no ema.safetensors: it was trained without train.ema_decay; resume it with train.ema_decay=0"):
+        run_training(load_config(None, args), progress=False)
+    with pytest.raises(ConfigError, match=r"train.ema_decay must be in \[0, 1\)"):
+        load_config(None, _base(tiny_model("llama"), pairs_file, tmp_path / "p", "train.ema_decay=1"))

@@ -118,6 +118,7 @@ class TrainConfig:
     adam_eps: float = _f(1e-8, "AdamW epsilon.")
     warmup_ratio: float = _f(0.0, "Fraction of steps spent warming up linearly (0, as TRL and transformers: bench/reward_quality.py measured cosine with 3% warmup 2.5 points below linear without, on HH-RLHF).")
     lr_scheduler: str = _f("linear", "Decay after warmup: linear (the default, as TRL and transformers), cosine or constant.")
+    ema_decay: float = _f(0.0, "Keep an exponential moving average of the trainable weights with this decay (e.g. 0.99) and validate, export and report it instead of the last weights; 0 (default): off. One process or DDP, not FSDP.")
     max_grad_norm: float = _f(1.0, "Clip gradients to this norm (0 disables clipping).")
     precision: str = _f("auto", "auto (default: bf16_master on one process or FSDP, bf16 with DDP, on a CPU with native bf16 math, AVX512-BF16 or AMX; bf16 on a CUDA GPU with bf16; fp32 elsewhere; resolved when training starts and recorded in the run's config); fp32; bf16 (autocast: fp32 weights, matmuls in bf16, as TRL and the HF Trainer); or bf16_master (forward and backward entirely in bf16 over fp32 master weights, accumulation and AdamW state: NeMo/Megatron's O2; fastest on CPUs with avx512_bf16/AMX and on GPUs). Not with train.strategy=ddp.")
     seed: int = _f(42, "Seed for weights of the head, data order and dropout.")
@@ -215,6 +216,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.learning_rate must be a finite number > 0, got {cfg.train.learning_rate}")
     if not 0.0 < cfg.train.head_lr_multiplier < float("inf"):
         raise ConfigError(f"train.head_lr_multiplier must be a finite number > 0, got {cfg.train.head_lr_multiplier}")
+    if not 0.0 <= cfg.train.ema_decay < 1.0:
+        raise ConfigError(f"train.ema_decay must be in [0, 1) (0: off; e.g. 0.99), got {cfg.train.ema_decay}")
     if not 0.0 <= cfg.train.warmup_ratio < 1.0:
         raise ConfigError(f"train.warmup_ratio must be in [0, 1), got {cfg.train.warmup_ratio}")
     if cfg.model.attribute_weights and cfg.model.attributes and len(cfg.model.attribute_weights) != len(cfg.model.attributes):

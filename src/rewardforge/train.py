@@ -52,6 +52,7 @@ from rewardforge.models.reward_model import load_tokenizer, set_attention
 from rewardforge.data.packing import check_share_prompt, model_kwargs
 from rewardforge.training.memory import check_free_space, estimate_memory, peak_rss_mb, release_free_memory, rss_mb
 from rewardforge.training.precision import MasterWeights, effective_precision, precision_reason
+from rewardforge.training.ema import EMA_FILE, WeightAverage
 from rewardforge.losses import combine
 from rewardforge.registry import ResolvedType, resolve_type
 
@@ -84,6 +85,12 @@ class Run:
     extra_eval: list = field(default_factory=list)  # eval.datasets, loaded once (main process)
     strategy: str = "single"  # single, ddp or fsdp (rewardforge.training.distributed)
     master: MasterWeights | None = None  # train.precision=bf16_master on one process
+    ema: WeightAverage | None = None  # train.ema_decay > 0: the average validated and exported
+
+    def averaged(self):
+        """The context validation and export run in: the weight average in the model under
+        ``train.ema_decay``, else nothing."""
+        return self.ema.swapped_in() if self.ema is not None else contextlib.nullcontext()
 
     def compute(self):
         """The context forward and backward passes run in: bf16 copies of the weights under
@@ -302,6 +309,8 @@ def setup(cfg: Config, *, accelerator=None) -> Run:
               collate, total, steps_per_epoch, reports, strategy=strategy, precision_reason=why_precision)
     if precision == "bf16_master" and strategy == "single":
         run.master = MasterWeights(run.bare_model(), keep_fp32=(run.bare_model().head(),))
+    if cfg.train.ema_decay > 0:
+        run.ema = WeightAverage(run.bare_model(), cfg.train.ema_decay)
     _start_trackers(run)
     if cfg.eval.datasets and accelerator.is_main_process:
         from rewardforge.eval.data import load_eval_data
@@ -319,6 +328,9 @@ def _check_strategy(cfg: Config, accelerator) -> str:
     if strategy == "ddp" and cfg.train.precision == "bf16_master":
         raise ConfigError("train.precision=bf16_master runs on one process or with train.strategy=fsdp (FSDP's "
                           "mixed-precision policy); with DDP use train.precision=bf16 or set train.strategy=fsdp")
+    if strategy == "fsdp" and cfg.train.ema_decay:
+        raise ConfigError("train.ema_decay is not supported with train.strategy=fsdp (its parameters are sharded); "
+                          "use train.strategy=ddp or set train.ema_decay=0")
     if strategy == "fsdp" and cfg.eval.datasets:
         raise ConfigError("eval.datasets is not supported with train.strategy=fsdp; evaluate the export with `rewardforge eval`")
     return strategy
@@ -432,6 +444,8 @@ def _load_state(run: Run, ckpt: Path) -> None:
     load_accelerator_state(str(ckpt), [], [], [run.bare_scheduler()], [], acc.process_index)
     if not (ckpt / f"random_states_{acc.process_index}.pkl").is_file():
         set_seed(run.cfg.train.seed + acc.process_index)
+    if run.ema is not None:
+        run.ema.load(ckpt / EMA_FILE)
 
 
 def _log(run: Run, record: dict[str, Any]) -> None:
@@ -508,6 +522,8 @@ def train(run: Run, *, progress: bool = True) -> dict[str, Any]:
                 continue
             fault_point("train_step")
             run.optimizer.step()
+            if run.ema is not None:
+                run.ema.update()
             run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
             st.step += 1
@@ -596,11 +612,12 @@ def _after_step(run: Run, bar) -> None:
     """Validation, extra evaluation and checkpoints when their step comes; a requested stop saves and raises."""
     cfg, st, acc = run.cfg, run.state, run.accelerator
     if cfg.train.eval_steps and st.step % cfg.train.eval_steps == 0 and st.step < run.total_steps:
-        val = validate(run)
-        _log(run, {"step": st.step, "epoch": st.epoch, "split": "validation", **val})
-        if acc.is_main_process:
-            bar.write(_format_val(st.step, val))
-        evaluate_extra(run)
+        with run.averaged():
+            val = validate(run)
+            _log(run, {"step": st.step, "epoch": st.epoch, "split": "validation", **val})
+            if acc.is_main_process:
+                bar.write(_format_val(st.step, val))
+            evaluate_extra(run)
     if cfg.train.save_steps and st.step % cfg.train.save_steps == 0 and st.step < run.total_steps:
         _save(run)
     if _stop_requested(run):
@@ -685,7 +702,8 @@ def _format_val(step: int, m: dict[str, Any]) -> str:
 def _save(run: Run) -> Path:
     return save_checkpoint(run.accelerator, run.cfg.output_dir, run.state, run.cfg.to_dict(), run.tokenizer,
                            model=run.bare_model(), optimizer=run.bare_optimizer(), scheduler=run.bare_scheduler(),
-                           strategy=run.strategy, keep=run.cfg.train.save_total_limit)
+                           strategy=run.strategy, keep=run.cfg.train.save_total_limit,
+                           tensors={EMA_FILE: run.ema.state_dict()} if run.ema is not None else None)
 
 
 def export_run(run: Run, out_dir: str | Path | None = None, pred: dict[str, Any] | None = None) -> tuple[Path, dict[str, Any]]:
@@ -694,6 +712,11 @@ def export_run(run: Run, out_dir: str | Path | None = None, pred: dict[str, Any]
     ``pred`` are the final model's validation predictions when the caller has them already.
     Called by every process; only the main process writes.
     """
+    with run.averaged():
+        return _export(run, out_dir, pred)
+
+
+def _export(run: Run, out_dir: str | Path | None, pred: dict[str, Any] | None) -> tuple[Path, dict[str, Any]]:
     cfg = run.cfg
     if pred is None:
         pred = predict_sharded(run, run.val_data, desc="export statistics")
@@ -737,10 +760,11 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
     memory = _start(run, progress)
     with _stop_on_signals(run):
         timing = train(run, progress=progress)
-    final_pred = predict_sharded(run, run.val_data, desc="final validation")  # the final metrics and the export's statistics
-    final = run.rtype.metrics(final_pred)
-    _log(run, {"step": run.state.step, "epoch": run.state.epoch, "split": "validation", "final": True, **final})
-    extra = evaluate_extra(run)
+    with run.averaged():  # the final metrics and the export's statistics (train.ema_decay: of the average)
+        final_pred = predict_sharded(run, run.val_data, desc="final validation")
+        final = run.rtype.metrics(final_pred)
+        _log(run, {"step": run.state.step, "epoch": run.state.epoch, "split": "validation", "final": True, **final})
+        extra = evaluate_extra(run)
     verdict = None
     if "chosen" in final_pred and len(run.val_data):
         mean_pred = run.rtype.mean_predictions(final_pred)
@@ -756,6 +780,7 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
         "steps": run.state.step,
         "epochs_completed": run.state.epoch,
         "examples_seen": run.state.examples_seen,
+        "validated_weights": f"exponential moving average (train.ema_decay={cfg.train.ema_decay})" if run.ema else "last",
         "resumed_from": run.resumed_from,
         "final_validation": final,
         "validation_verdict": verdict,

@@ -37,8 +37,12 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, config: dict, tokenizer, *, model,
-                    optimizer, scheduler, strategy: str = "single", keep: int = 0) -> Path:
+                    optimizer, scheduler, strategy: str = "single", keep: int = 0,
+                    tensors: dict[str, dict] | None = None) -> Path:
     """Save everything needed to resume, atomically; prune to the newest ``keep`` checkpoints.
+
+    ``tensors``: more state the main process writes, file name -> tensors (safetensors), e.g. the weight
+    average of ``train.ema_decay``.
 
     Called by every process: weights and optimizer state go through ``torch.distributed.checkpoint``
     (each process writes its shards; any number of processes and either strategy can load them),
@@ -67,6 +71,10 @@ def save_checkpoint(accelerator, output_dir: str | Path, state: TrainerState, co
         if main:
             tokenizer.save_pretrained(tmp / "tokenizer")
             write_config(config, tmp)
+            for name, t in (tensors or {}).items():
+                from safetensors.torch import save_file
+
+                save_file(t, str(tmp / name))
             with open(tmp / STATE_FILE, "w") as fh:
                 json.dump({**asdict(state), "world_size": accelerator.num_processes, "strategy": strategy,
                            "global_batch_size": config["train"]["batch_size"] * accelerator.num_processes}, fh)
