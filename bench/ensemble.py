@@ -137,6 +137,10 @@ def report_uncertainty(e: dict, single_ece: float | None = None) -> None:
              "ABOVE, the 95% intervals apart (the wrong way)" if q5["ci_low"] > q1["ci_high"] else "the 95% intervals overlap")
     print(f"20% most uncertain {q5['accuracy']:.4f} vs 20% least uncertain {q1['accuracy']:.4f}: {apart}")
     print(f"AUROC of the std for a wrong pair: {e['auroc_std_wrong']:.4f} ({e['wrong_pairs']} wrong pairs)")
+    print("ensemble accuracy by flip-probability quintile (Phi(-|mean margin| / std); Q1 = least uncertain): "
+          + ", ".join(f"Q{b['bin'] + 1} {b['accuracy']:.4f} ({b['ci_low']:.4f}-{b['ci_high']:.4f})" for b in e["flip_bins"]))
+    print(f"AUROC for a wrong pair: flip probability {e['auroc_flip_wrong']:.4f}; the mean margin's size alone "
+          f"(-|d|, what one model knows) {e['auroc_margin_wrong']:.4f}")
     c = e["calibration"]
     print(f"ECE of P(chosen > rejected): single model {'n/a' if single_ece is None else f'{single_ece:.4f}'}; ensemble: "
           f"member_0 {c['member_0']['ece']:.4f}, mean reward {c['mean_reward']['ece']:.4f}, members' mean probability "

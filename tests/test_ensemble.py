@@ -160,6 +160,12 @@ def test_ensemble_pair_report_on_hand_numbers():
     assert [b["accuracy"] for b in r["uncertainty_bins"]] == [0.5, 0.5]  # (0: -1, 0: 0.5) | (1: 2, 3: -1)
     # wrong stds {0, 3} vs right stds {1, 0}: 3>1, 3>0, 0=0 (half), 0<1 -> 2.5 / 4
     assert r["auroc_std_wrong"] == 0.625
+    # flip = Phi(-|d|/u): [Phi(-2), 0 (u 0, d -1), Phi(-1/3), 0 (u 0)]; wrong {0, Phi(-1/3)=0.369} vs right
+    # {Phi(-2)=0.023, 0}: 0<0.023, 0=0 (half), 0.369 > both -> 2.5 / 4
+    assert r["auroc_flip_wrong"] == 0.625
+    assert [b["accuracy"] for b in r["flip_bins"]] == [0.5, 0.5]  # (1: -1, 3: 0.5) | (0: 2, 2: -1)
+    # -|d|: wrong {-1, -1} vs right {-2, -0.5}: -1 > -2 twice, -1 < -0.5 twice -> 2 / 4
+    assert r["auroc_margin_wrong"] == 0.5
     p = (M.sigmoid(m[:, 0]) + M.sigmoid(m[:, 1])) / 2
     assert M.sigmoid(M.ensemble_probability_margin(m)) == pytest.approx(p)
     assert r["calibration"]["ensemble"]["ece"] == pytest.approx(M.calibration(np.log(p / (1 - p)))["ece"])
@@ -335,7 +341,8 @@ def test_eval_reports_uncertainty_quintiles_auroc_and_calibration(resume_runs, t
     assert set(e["calibration"]) == {"member_0", "mean_reward", "ensemble"}
     assert e["accuracy"] == pytest.approx(ds["overall"]["accuracy"])  # the report's reward is the ensemble mean
     html = (tmp_path / "report" / "report.html").read_text()
-    assert "Ensemble uncertainty" in html and "AUROC std→wrong" in html
+    assert "Ensemble uncertainty" in html and "AUROC std→wrong" in html and "AUROC flip→wrong" in html
+    assert 0.0 <= e["auroc_flip_wrong"] <= 1.0 and len(e["flip_bins"]) == 5
 
 
 def test_any_type_whose_loss_weighs_examples_becomes_an_ensemble():

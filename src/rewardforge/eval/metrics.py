@@ -657,6 +657,21 @@ def ensemble_probability_margin(member_margins: np.ndarray) -> np.ndarray:
     return np.log(p) - np.log1p(-p)
 
 
+def flip_probability(mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """``Phi(-|mean| / std)``: the chance a normal with this mean and std has the other sign; 0.5 at a zero
+    mean, 0 where ``std`` is 0 and the mean is not.
+
+    Example:
+        >>> flip_probability([0.0, 1.0, 1.0, -2.0], [1.0, 1.0, 0.0, 1.0]).round(4).tolist()
+        [0.5, 0.1587, 0.0, 0.0228]
+    """
+    from math import erfc, sqrt
+
+    d, u = np.abs(np.asarray(mean, np.float64)), np.asarray(std, np.float64)
+    z = np.divide(d, u, out=np.where(d > 0, np.inf, 0.0), where=u > 0)
+    return np.array([0.5 * erfc(v / sqrt(2.0)) for v in z.ravel()]).reshape(z.shape)
+
+
 def ensemble_pair_report(member_margins: Sequence[Sequence[float]], n_bins: int = 5, calibration_bins: int = 10) -> dict[str, Any]:
     """What an ensemble's disagreement says about pairs, from every member's margin ``d_ik`` ``[n, K]``.
 
@@ -667,6 +682,13 @@ def ensemble_pair_report(member_margins: Sequence[Sequence[float]], n_bins: int 
       least uncertain pairs, the last the 20% most uncertain);
     * ``auroc_std_wrong``: :func:`auroc` of ``u`` for the wrong pairs (``d_i ≤ 0``): 0.5 = the uncertainty says
       nothing, 1 = every wrong pair is more uncertain than every right one;
+    * ``flip_bins`` / ``auroc_flip_wrong``: the same for the scale-free disagreement ``f_i = Phi(-|d_i| / u_i)``,
+      the chance that the preference flips sign if the members' margins were normal around ``d_i`` (0.5 where
+      ``d_i = 0``; 0 where every member agrees exactly). The std grows with the size of the margin, and a large
+      margin is more often right, so ``u`` alone can even rank the right pairs as the uncertain ones; ``f``
+      divides that out;
+    * ``auroc_margin_wrong``: :func:`auroc` of ``-|d_i|`` for the wrong pairs: what the mean margin's own size
+      (any single model's confidence) already says, the reference an ensemble's uncertainty should beat;
     * ``calibration``: :func:`calibration` (ECE, NLL) of ``P(chosen > rejected)`` three ways: ``member_0``
       (``sigmoid(d_·0)``, one model without the ensemble), ``mean_reward`` (``sigmoid(d)``) and ``ensemble``
       (``mean_k sigmoid(d_ik)``, the members' average probability, through :func:`ensemble_probability_margin`).
@@ -675,6 +697,7 @@ def ensemble_pair_report(member_margins: Sequence[Sequence[float]], n_bins: int 
     if m.ndim != 2 or len(m) == 0:
         return {"pairs": 0}
     d, u = m.mean(1), m.std(1)
+    flip = flip_probability(d, u)
     acc = float(win_rate(d))
     lo, hi = wilson_interval(acc * len(d), len(d))
     wrong = d <= 0
@@ -689,6 +712,9 @@ def ensemble_pair_report(member_margins: Sequence[Sequence[float]], n_bins: int 
         "std_median": float(np.median(u)),
         "uncertainty_bins": accuracy_by_uncertainty(d, u, n_bins),
         "auroc_std_wrong": _f(auroc(u, wrong)),
+        "flip_bins": accuracy_by_uncertainty(d, flip, n_bins),
+        "auroc_flip_wrong": _f(auroc(flip, wrong)),
+        "auroc_margin_wrong": _f(auroc(-np.abs(d), wrong)),
         "wrong_pairs": int(wrong.sum()),
         "calibration": {"member_0": cal(m[:, 0]), "mean_reward": cal(d), "ensemble": cal(ensemble_probability_margin(m))},
     }

@@ -344,18 +344,21 @@ def _uncertainty_section(result) -> str:
            'is their standard deviation std_k(d_k) and its margin their mean. Pairs are cut into five equal-count bins by '
            'uncertainty (Q1 = the 20% least uncertain, Q5 = the 20% most uncertain), each with its accuracy and 95% Wilson '
            'interval: a useful uncertainty has Q5 well below Q1. AUROC: the probability that a wrong pair (mean margin ≤ 0) '
-           'is more uncertain than a right one (0.5 = no signal). ECE of P(chosen &gt; rejected) without the ensemble '
+           'is more uncertain than a right one (0.5 = no signal), for the std, for the flip probability Φ(−|mean d| / std) '
+           '(scale-free: the std grows with the margin) and, as the reference a single model already has, for the '
+           'mean margin\'s smallness −|mean d|. ECE of P(chosen &gt; rejected) without the ensemble '
            '(member 0 alone, sigmoid(d_0)), of the mean reward (sigmoid(mean d)) and of the ensemble\'s probability '
            '(mean_k sigmoid(d_k)).</p>']
     head = ("<tr><th class=l>dataset</th><th class=l>model</th><th>K</th>" + "".join(f"<th>Q{q} accuracy</th>" for q in range(1, 6))
-            + "<th>AUROC std→wrong</th><th>ECE member 0</th><th>ECE mean reward</th><th>ECE ensemble</th></tr>")
+            + "<th>AUROC std→wrong</th><th>AUROC flip→wrong</th><th>AUROC −|d|→wrong</th><th>ECE member 0</th><th>ECE mean reward</th><th>ECE ensemble</th></tr>")
     body = []
     for n, m, e in rows:
         bins = "".join(f"<td>{_pct(b['accuracy'])} <span class=muted>{_ci(b)}</span></td>" for b in e["uncertainty_bins"])
         bins += "<td></td>" * (5 - len(e["uncertainty_bins"]))
         c = e["calibration"]
         body.append(f"<tr><td class=l>{_e(n)}</td><td class=l>{_e(m)}</td><td>{len(e['member_accuracy'])}</td>{bins}"
-                    f"<td>{_num(e['auroc_std_wrong'])}</td><td>{_num(c['member_0']['ece'])}</td>"
+                    f"<td>{_num(e['auroc_std_wrong'])}</td><td>{_num(e.get('auroc_flip_wrong'))}</td>"
+                    f"<td>{_num(e.get('auroc_margin_wrong'))}</td><td>{_num(c['member_0']['ece'])}</td>"
                     f"<td>{_num(c['mean_reward']['ece'])}</td><td>{_num(c['ensemble']['ece'])}</td></tr>")
     out.append(f"<table>{head}{''.join(body)}</table>")
     return "\n".join(out)
