@@ -181,6 +181,21 @@ def train_variants(model_dir, tmp_path, variants: dict, *common: str, pairs: int
     return summaries, weights, max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def train_and_resume(root: Path, args: list[str], step: int) -> tuple[dict, dict]:
+    """Summaries of an uninterrupted run (``args`` with ``output_dir={root}/a``) and of the same run in
+    ``{root}/b`` resumed from a copy of the first one's step-``step`` checkpoint."""
+    import shutil
+
+    from rewardforge.config import load_config
+    from rewardforge.train import run_training
+
+    full = run_training(load_config(None, args), progress=False)
+    (root / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(root / f"a/checkpoints/step-{step}", root / f"b/checkpoints/step-{step}")
+    again = [a.replace(str(root / "a"), str(root / "b")) for a in args] + ["train.resume_from=auto"]
+    return full, run_training(load_config(None, again), progress=False)
+
+
 def rated_rows(n: int, seed: int = 0) -> list[dict]:
     """Regression rows whose labels depend on the response (learnable): helpfulness, safety."""
     rng = random.Random(seed)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import rewardforge
-from conftest import rated_rows, synthetic_pairs, write_jsonl
+from conftest import rated_rows, synthetic_pairs, train_and_resume, write_jsonl
 from rewardforge.cli import main as cli_main
 from rewardforge.config import ConfigError, load_config
 from rewardforge.train import run_training
@@ -37,10 +37,7 @@ def resume_runs(tiny_model, pairs_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     args = _base(tiny_model("llama"), pairs_file, root / "a", "train.max_steps=8", "train.save_steps=4",
                  "model.dropout=0.1", "train.save_total_limit=0", "train.log_steps=2", "train.eval_steps=4")
-    full = run_training(load_config(None, args), progress=False)
-    (root / "b" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(root / "a/checkpoints/step-4", root / "b/checkpoints/step-4")
-    resumed = run_training(load_config(None, [a.replace(str(root / "a"), str(root / "b")) for a in args] + ["train.resume_from=auto"]), progress=False)
+    full, resumed = train_and_resume(root, args, step=4)
     return root, full, resumed
 
 
@@ -351,10 +348,7 @@ def ema_runs(tiny_model, pairs_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("ema")
     args = _base(tiny_model("llama"), pairs_file, root / "a", "train.max_steps=8", "train.save_steps=4",
                  "train.ema_decay=0.6", "train.save_total_limit=0", "train.eval_steps=4")
-    full = run_training(load_config(None, args), progress=False)
-    (root / "b" / "checkpoints").mkdir(parents=True)
-    shutil.copytree(root / "a/checkpoints/step-4", root / "b/checkpoints/step-4")
-    resumed = run_training(load_config(None, [a.replace(str(root / "a"), str(root / "b")) for a in args] + ["train.resume_from=auto"]), progress=False)
+    full, resumed = train_and_resume(root, args, step=4)
     return root, full, resumed
 
 
