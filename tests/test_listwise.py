@@ -417,13 +417,3 @@ def test_a_listwise_export_is_served_like_any_reward_model(resumed_lists, list_f
     assert r.status_code == 200, r.text
     served = [x["reward"] for x in r.json()["results"]]
     assert served == pytest.approx(scorer.score([row["prompt"]] * len(row["responses"]), row["responses"]).tolist(), abs=1e-5)
-
-
-def test_list_entries_with_weights_are_refused_in_one_line(tiny_model, list_files, tmp_path):
-    train, val = list_files
-    cfg = load_config(None, [f"model.name_or_path={tiny_model('llama')}", "model.reward_model_type=listwise",
-                             f"data.train=[{{path: {train}, fraction: 0.5}}]", f"data.validation=[{val}]",
-                             "train.max_steps=1", "data.cache_dir=none", f"output_dir={tmp_path / 'w'}"])
-    with pytest.raises(DataError, match=r"data\.train\[0\] .* sets weight/fraction/max_rows, which this kind of data "
-                                         r"\(ListDataset\) does not support yet; give plain paths in data\.train"):
-        run_training(cfg, progress=False)

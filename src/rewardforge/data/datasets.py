@@ -315,6 +315,12 @@ class _Entry:
         return rows if self.max_rows is None else itertools.islice(rows, self.max_rows)
 
 
+def _entry_records(entries: list[_Entry]) -> list[dict[str, Any]]:
+    """The data report's ``per_source``, counts at 0: one record per entry (``max_rows`` only where set)."""
+    return [{"source": e.path, "files": len(e.files), "rows_read": 0, "examples": 0,
+             **({"max_rows": e.max_rows} if e.max_rows is not None else {})} for e in entries]
+
+
 @dataclass
 class _Settings:
     kind: str
@@ -381,9 +387,7 @@ def build_dataset(
 
 def _build(entries: list[_Entry], tokenizer, st: _Settings, path: Path | None, num_proc: int):
     """Stream the entries through parsing, rendering and tokenization into an Arrow file; return it mapped."""
-    report = DataReport(sources=[f for e in entries for f in e.files], per_source=[
-        {"source": e.path, "files": len(e.files), "rows_read": 0, "examples": 0,
-         **({"max_rows": e.max_rows} if e.max_rows is not None else {})} for e in entries])
+    report = DataReport(sources=[f for e in entries for f in e.files], per_source=_entry_records(entries))
     scratch = None
     if path is None:  # no cache: a file of its own, deleted once mapped (the mapping stays valid)
         scratch = Path(tempfile.mkdtemp(prefix="rewardforge-data-"))

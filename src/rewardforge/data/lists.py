@@ -58,9 +58,10 @@ from rewardforge.data.formats import (
     _number,
     _unicode,
 )
-from rewardforge.data.readers import DataError, Row, expand_sources, fingerprint_sources, read_rows
+from rewardforge.data.readers import DataError, Row, fingerprint_sources
 
-LIST_CACHE_VERSION = 1
+# 2: each list's data.train entry (source) and the entries' max_rows in the key
+LIST_CACHE_VERSION = 2
 LIST_FIELDS = ("scores", "ranking", "best")
 
 
@@ -222,15 +223,18 @@ def parse_lists(
 class ListDataset(torch.utils.data.Dataset):
     """Tokenized lists. Item: the list's response token ids, their scores, its index and first row.
 
-    Responses are stored flat (``ids``), list ``i`` holding rows ``offsets[i]:offsets[i + 1]``.
+    Responses are stored flat (``ids``), list ``i`` holding rows ``offsets[i]:offsets[i + 1]``; ``source[i]`` is
+    the data entry list ``i`` came from (what :func:`rewardforge.data.mixing.mix_sources` weighs).
     """
 
     kind = "lists"
 
-    def __init__(self, ids: list[np.ndarray], offsets: np.ndarray, scores: np.ndarray, prompt_keys: list[str], extra: list[dict]):
+    def __init__(self, ids: list[np.ndarray], offsets: np.ndarray, scores: np.ndarray, prompt_keys: list[str], extra: list[dict],
+                 source=None):
         self.ids, self.offsets = ids, np.asarray(offsets, dtype=np.int64)
         self.scores = np.asarray(scores, dtype=np.float32)
         self.prompt_keys, self.extra = prompt_keys, extra
+        self.source = np.zeros(len(self), np.int32) if source is None else np.asarray(source, np.int32)
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -248,15 +252,14 @@ class ListDataset(torch.utils.data.Dataset):
         return np.array([(b - a) * max(len(x) for x in self.ids[a:b]) for a, b in zip(self.offsets[:-1], self.offsets[1:])],
                         dtype=np.int64)
 
-    def subset(self, idx: list[int]) -> "ListDataset":
-        ids, scores, offsets = [], [], [0]
-        for i in idx:
-            a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-            ids += self.ids[a:b]
-            scores.append(self.scores[a:b])
-            offsets.append(offsets[-1] + b - a)
-        return ListDataset(ids, np.asarray(offsets), np.concatenate(scores) if scores else np.zeros(0, np.float32),
-                           [self.prompt_keys[i] for i in idx], [self.extra[i] for i in idx])
+    def subset(self, idx) -> "ListDataset":
+        """The lists ``idx`` (a sequence or numpy index array; repeats allowed), sharing the token arrays."""
+        idx = np.asarray(idx, dtype=np.int64).reshape(-1)
+        sizes = self.sizes()[idx]
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        rows = np.repeat(self.offsets[idx] - offsets[:-1], sizes) + np.arange(offsets[-1])
+        return ListDataset([self.ids[r] for r in rows.tolist()], offsets, self.scores[rows],
+                           [self.prompt_keys[i] for i in idx.tolist()], [self.extra[i] for i in idx.tolist()], self.source[idx])
 
 
 class ListCollator:
@@ -298,64 +301,100 @@ def list_columns(out: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict[str,
 # ------------------------------------------------------------------ building
 
 
-def build_list_dataset(cfg, tokenizer, sources: list[str]):
+def build_list_dataset(cfg, tokenizer, sources: list):
     """Read, parse (or group), render and tokenize list data into a :class:`ListDataset`.
 
-    The signature of :attr:`rewardforge.registry.DataKind.build`. Tokenized lists are cached like
-    pairs and rated responses (keyed by the data, tokenizer and settings; ``data.cache_dir=none`` disables it).
+    The signature of :attr:`rewardforge.registry.DataKind.build`. ``sources`` are data entries as in ``data.train``
+    (paths, mappings or :class:`~rewardforge.config.DataSource`), each read on its own, as pairs are: its
+    ``max_rows`` caps the rows read from it (reading stops there; with ``data.group_by`` these are rated rows, not
+    lists), rows group into lists only within their own entry (the same ``group_by`` value in two entries makes two
+    lists), and every list records its entry in ``dataset.source`` for
+    :func:`~rewardforge.data.mixing.mix_sources`. The report's ``per_source`` has one record per entry (``source``,
+    ``files``, ``rows_read``, ``examples``: lists kept, and ``max_rows`` when set). Tokenized lists are cached like
+    pairs and rated responses (keyed by the data, each entry's ``max_rows``, tokenizer and settings;
+    ``data.cache_dir=none`` disables it).
 
     Returns:
         ``(dataset, DataReport)``.
     """
-    from rewardforge.data.datasets import (
-        DataReport,
-        default_cache_dir,
-        json_safe,
-        progress_bar,
-        prompt_key,
-        tokenizer_fingerprint,
-    )
-    from rewardforge.data.inputs import InputFormat
-    from rewardforge.data.template import TextRenderer
-    from rewardforge.data.tokenize import TruncationStats
+    from rewardforge.data.datasets import DataReport, _Entry, _entry_records, progress_bar
 
     d = cfg.data
     t0 = time.perf_counter()
     if not sources:
         raise DataError("no data given; set data.train (and optionally data.validation)")
-    from rewardforge.config import source_path
+    entries = [_Entry.of(s) for s in sources]
+    cache_path = None if str(d.cache_dir).lower() == "none" else _list_cache_path(d, entries, tokenizer)
+    if cache_path is not None and cache_path.is_file():
+        try:
+            ds, report = _load(cache_path, DataReport)
+            report.seconds = time.perf_counter() - t0
+            return ds, report
+        except Exception:  # a damaged cache entry is rebuilt, never trusted
+            cache_path.unlink(missing_ok=True)
 
-    files = expand_sources([source_path(s) for s in sources])
-    cache_path = None
-    if str(d.cache_dir).lower() != "none":
-        key = json.dumps({"v": LIST_CACHE_VERSION, "kind": "lists", "data": fingerprint_sources(files),
-                          "max_length": d.max_length, "truncation": d.truncation, "skip": d.skip_bad_rows,
-                          "field_map": dict(d.field_map), "split": d.split, "group_by": d.group_by, "score_label": d.score_label,
-                          "dedup": d.drop_duplicates, "tokenizer": tokenizer_fingerprint(tokenizer)}, sort_keys=True)
-        cache_path = Path(d.cache_dir or default_cache_dir()) / f"lists-{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
-        if cache_path.is_file():
-            try:
-                ds, report = _load(cache_path, DataReport)
-                report.seconds = time.perf_counter() - t0
-                return ds, report
-            except Exception:  # a damaged cache entry is rebuilt, never trusted
-                cache_path.unlink(missing_ok=True)
+    report = DataReport(sources=[f for e in entries for f in e.files], per_source=_entry_records(entries))
+    parse_report = ParseReport()
+    lists, list_sources = _read_lists(entries, d, report, parse_report, progress_bar)
+    ds = _tokenized(lists, list_sources, tokenizer, d, report, progress_bar)
+    for k, n in enumerate(np.bincount(ds.source, minlength=len(entries)).tolist()):
+        report.per_source[k]["examples"] = n
+    report.rows_read = parse_report.rows_read
+    report.formats = dict(parse_report.formats)
+    report.skipped_bad_rows = sum(parse_report.skipped.values())
+    report.bad_row_messages = parse_report.examples
+    report.examples = len(ds)
+    if cache_path is not None:
+        _save(cache_path, ds, report)
+    report.seconds = time.perf_counter() - t0
+    return ds, report
 
-    report, parse_report = DataReport(sources=files), ParseReport()
-    with progress_bar(None, "data: read", "rows") as bar:
-        def rows():
-            for f in files:
-                for row in read_rows(f, d.split):
-                    bar.update(1)
-                    yield row
 
-        lists = list(parse_lists(rows(), group_by=d.group_by, score_label=d.score_label, skip_bad_rows=d.skip_bad_rows,
-                                 field_map=dict(d.field_map), report=parse_report, excluded=report.excluded))
+def _list_cache_path(d, entries: list, tokenizer) -> Path:
+    """The cache file of a list build: a hash of the data, the entries (with their ``max_rows``), tokenizer and settings."""
+    from rewardforge.data.datasets import default_cache_dir, tokenizer_fingerprint
+
+    key = json.dumps({"v": LIST_CACHE_VERSION, "kind": "lists", "data": fingerprint_sources([f for e in entries for f in e.files]),
+                      "entries": [[e.path, len(e.files), e.max_rows] for e in entries],
+                      "max_length": d.max_length, "truncation": d.truncation, "skip": d.skip_bad_rows,
+                      "field_map": dict(d.field_map), "split": d.split, "group_by": d.group_by, "score_label": d.score_label,
+                      "dedup": d.drop_duplicates, "tokenizer": tokenizer_fingerprint(tokenizer)}, sort_keys=True)
+    return Path(d.cache_dir or default_cache_dir()) / f"lists-{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
+
+
+def _read_lists(entries: list, d, report, parse_report: ParseReport, bar_of) -> tuple[list[ResponseList], list[int]]:
+    """Every entry's lists, entry after entry (``data.group_by`` groups within an entry), and each list's entry."""
+    lists: list[ResponseList] = []
+    sources: list[int] = []
+    with bar_of(None, "data: read", "rows") as bar:
+        for k, entry in enumerate(entries):
+            got = list(parse_lists(_counted(entry.rows(d.split), report.per_source[k], bar), group_by=d.group_by,
+                                   score_label=d.score_label, skip_bad_rows=d.skip_bad_rows, field_map=dict(d.field_map),
+                                   report=parse_report, excluded=report.excluded))
+            lists += got
+            sources += [k] * len(got)
+    return lists, sources
+
+
+def _counted(rows: Iterable[Row], record: dict, bar) -> Iterator[Row]:
+    """``rows``, each counted in its entry's ``rows_read`` and on the bar."""
+    for row in rows:
+        record["rows_read"] += 1
+        bar.update(1)
+        yield row
+
+
+def _tokenized(lists: list[ResponseList], list_sources: list[int], tokenizer, d, report, bar_of) -> ListDataset:
+    """Render, deduplicate and tokenize the lists; what is dropped is counted in ``report``."""
+    from rewardforge.data.datasets import json_safe, prompt_key
+    from rewardforge.data.inputs import InputFormat
+    from rewardforge.data.template import TextRenderer
+    from rewardforge.data.tokenize import TruncationStats
 
     renderer = TextRenderer(tokenizer)
-    texts, starts, scores, sizes, keys, extras = [], [], [], [], [], []
+    texts, starts, scores, sizes, keys, extras, srcs = [], [], [], [], [], [], []
     seen: set = set()
-    for lst in _iter_bar(lists, "data: render", "lists", progress_bar):
+    for lst, src in _iter_bar(list(zip(lists, list_sources)), "data: render", "lists", bar_of):
         t_list, s_list, sc_list = [], [], []
         for resp, score in zip(lst.responses, lst.scores):
             t, s = renderer.render(lst.prompt, resp, lst.where)
@@ -377,13 +416,13 @@ def build_list_dataset(cfg, tokenizer, sources: list[str]):
         sizes.append(len(t_list))
         keys.append(prompt_key(t_list[0][: s_list[0]] if s_list[0] else t_list[0]))
         extras.append(json_safe(lst.extra))
+        srcs.append(src)
     stats = TruncationStats()
     # a list's responses side by side: their shared prompt is tokenized once where that is exact
-    ids = _tokenize_with_bar(tokenizer, texts, starts, d.max_length, d.truncation, stats, InputFormat.of(tokenizer).ends,
-                             progress_bar)
-    out_ids, out_scores, offsets, out_keys, out_extra = [], [], [0], [], []
+    ids = _tokenize_with_bar(tokenizer, texts, starts, d.max_length, d.truncation, stats, InputFormat.of(tokenizer).ends, bar_of)
+    out_ids, out_scores, offsets, out_keys, out_extra, out_src = [], [], [0], [], [], []
     pos = 0
-    for sc_list, k, key, extra in zip(scores, sizes, keys, extras):
+    for sc_list, k, key, extra, src in zip(scores, sizes, keys, extras, srcs):
         kept_ids: list[np.ndarray] = []
         kept_sc: list[float] = []
         for x, s in zip(ids[pos : pos + k], sc_list):
@@ -397,18 +436,10 @@ def build_list_dataset(cfg, tokenizer, sources: list[str]):
         out_ids += kept_ids
         out_scores += kept_sc
         offsets.append(offsets[-1] + len(kept_ids))
-        out_keys.append(key), out_extra.append(extra)
-    ds = ListDataset(out_ids, np.asarray(offsets), np.asarray(out_scores, np.float32), out_keys, out_extra)
-    report.rows_read = parse_report.rows_read
-    report.formats = dict(parse_report.formats)
-    report.skipped_bad_rows = sum(parse_report.skipped.values())
-    report.bad_row_messages = parse_report.examples
+        out_keys.append(key), out_extra.append(extra), out_src.append(src)
     report.truncation = stats.as_dict()
-    report.examples = len(ds)
-    if cache_path is not None:
-        _save(cache_path, ds, report)
-    report.seconds = time.perf_counter() - t0
-    return ds, report
+    return ListDataset(out_ids, np.asarray(offsets), np.asarray(out_scores, np.float32), out_keys, out_extra,
+                       np.asarray(out_src, np.int32))
 
 
 def _usable(scores: list[float], report) -> bool:
@@ -429,7 +460,7 @@ def _save(path: Path, ds: ListDataset, report) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "wb") as fh:
         np.savez(fh, ids=np.concatenate(ds.ids) if ds.ids else np.zeros(0, np.int32), lengths=lengths, offsets=ds.offsets,
-                 scores=ds.scores, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+                 scores=ds.scores, source=ds.source, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
     os.replace(tmp, path)
 
 
@@ -439,7 +470,7 @@ def _load(path: Path, report_cls):
         flat, lengths = z["ids"], z["lengths"]
         ends = np.cumsum(lengths).tolist()
         ids = [flat[e - n : e] for e, n in zip(ends, lengths.tolist())]
-        ds = ListDataset(ids, z["offsets"], z["scores"], meta["prompt_keys"], meta["extra"])
+        ds = ListDataset(ids, z["offsets"], z["scores"], meta["prompt_keys"], meta["extra"], z["source"])
     report = report_cls(**meta["report"])
     report.from_cache = True
     return ds, report

@@ -1,9 +1,10 @@
 """Weighted mixing of data entries: how many training examples each ``data.train`` entry contributes.
 
 The semantics of ``weight``, ``fraction`` and ``max_rows`` are documented once, in ``data.train``'s help
-(:class:`rewardforge.config.DataConfig`); ``max_rows`` is applied while reading (:func:`build_dataset`), the
-other two here, to the training examples after the validation split. Every selection is a set of indices
-over the (memory-mapped) dataset: nothing is copied, and repeats cost an index each.
+(:class:`rewardforge.config.DataConfig`); ``max_rows`` is applied while reading (:func:`build_dataset`, and
+:func:`~rewardforge.data.lists.build_list_dataset` for lists), the other two here, to the training examples (pairs,
+rated responses or lists) after the validation split. Every selection is a set of indices over the (memory-mapped)
+dataset: nothing is copied, and repeats cost an index each.
 
 Example:
     >>> import numpy as np
@@ -67,7 +68,8 @@ def mix_sources(ds, entries: Sequence, seed: int, per_source: Sequence[dict[str,
     """The training examples ``entries``' weights and fractions ask for, and what each entry gave.
 
     Args:
-        ds: a dataset whose ``source`` says which entry each example came from (``build_dataset`` sets it).
+        ds: a dataset whose ``source`` says which entry each example came from (``build_dataset`` and
+            ``build_list_dataset`` set it; for lists an example is a list).
         entries: the ``data.train`` entries (paths, :class:`~rewardforge.config.DataSource` or mappings).
         seed: fixes every random choice (``train.seed``).
         per_source: the data report's records of the entries, extended in the returned copy.
@@ -77,11 +79,12 @@ def mix_sources(ds, entries: Sequence, seed: int, per_source: Sequence[dict[str,
         array; an entry with less than its share is repeated); one record per entry with ``train_examples`` (what it
         had) and ``taken``.
     """
-    if getattr(ds, "source", None) is None:  # a kind whose dataset does not record each example's entry (lists)
+    if getattr(ds, "source", None) is None:  # a registered kind whose dataset does not record each example's entry
         mixed = [k for k, e in enumerate(entries) if any(_setting(e, n) is not None for n in ("weight", "fraction", "max_rows"))]
         if mixed:
-            raise DataError(f"data.train[{mixed[0]}] ({_path(entries[mixed[0]])}) sets weight/fraction/max_rows, which this "
-                            f"kind of data ({type(ds).__name__}) does not support yet; give plain paths in data.train")
+            raise DataError(f"data.train[{mixed[0]}] ({_path(entries[mixed[0]])}) sets weight/fraction/max_rows, but this kind "
+                            f"of data ({type(ds).__name__}) has no 'source' (each example's entry) to mix by; give plain paths "
+                            "in data.train, or have its build record dataset.source")
         return ds, [dict(per_source[k]) if per_source else {"source": _path(e)} for k, e in enumerate(entries)]
     positions = [np.flatnonzero(ds.source == k) for k in range(len(entries))]
     available = [len(p) for p in positions]
