@@ -248,3 +248,25 @@ def test_fsdp_bf16_master_trains_like_one_process_bf16_master(runs):
     sa, sf = (json.loads((root / d / "summary.json").read_text()) for d in ("o2_one", "o2_fsdp"))
     assert sf["steps"] == sa["steps"]
     assert abs(sf["final_validation"]["accuracy"] - sa["final_validation"]["accuracy"]) <= 2 / 21
+
+
+def test_listwise_two_processes_match_one_process_with_the_same_global_batch(tiny_model, tmp_path):
+    """Lists under DDP: a global batch of 4 lists split 2 + 2 trains as one process with 4 (the loss of a
+    list needs all its K responses on one process: lists, not responses, are what is split)."""
+    from rewardforge.data.synthetic import generate_lists
+
+    data = write_jsonl(tmp_path / "lists.jsonl", generate_lists(22, k=4))  # 22 lists: the epoch ends ragged (4+4+...+2)
+    val = write_jsonl(tmp_path / "val.jsonl", generate_lists(7, seed=5, k=3))
+    common = [f"model.name_or_path={tiny_model('llama')}", "model.reward_model_type=listwise", f"data.train=[{data}]",
+              f"data.validation=[{val}]", "train.learning_rate=1e-3", "train.precision=fp32", "data.cache_dir=none",
+              "train.epochs=1", "train.log_steps=1"]
+    _train(1, common + ["train.batch_size=4", f"output_dir={tmp_path / 'one'}"], tmp_path)
+    _train(2, common + ["train.batch_size=2", f"output_dir={tmp_path / 'two'}"], tmp_path)
+    a, b = load_file(tmp_path / "one/model/model.safetensors"), load_file(tmp_path / "two/model/model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
+    sa, sb = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert sa["steps"] == sb["steps"] == 6 and sa["examples_seen"] == sb["examples_seen"] == 22
+    fa, fb = sa["final_validation"], sb["final_validation"]
+    assert (fa["lists"], fa["pairs"], fa["accuracy"]) == (fb["lists"], fb["pairs"], fb["accuracy"]) and fa["lists"] == 7
+    assert fb["ndcg"] == pytest.approx(fa["ndcg"], abs=1e-6)

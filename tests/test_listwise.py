@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import write_jsonl
+from conftest import train_and_resume, write_jsonl
 from safetensors.torch import load_file
 
 import rewardforge
@@ -317,11 +316,7 @@ def resumed_lists(tiny_model, list_files, tmp_path_factory):
     train, val = list_files
     args = _args(tiny_model("bert"), train, root / "a", f"data.validation=[{val}]", "train.max_steps=6", "train.save_steps=3",
                  "model.dropout=0.1", "train.save_total_limit=0", "train.eval_steps=3")
-    full = run_training(load_config(None, args), progress=False)
-    (root / "b/checkpoints").mkdir(parents=True)
-    shutil.copytree(root / "a/checkpoints/step-3", root / "b/checkpoints/step-3")
-    resumed = run_training(load_config(None, [a.replace(str(root / "a"), str(root / "b")) for a in args] + ["train.resume_from=auto"]),
-                           progress=False)
+    full, resumed = train_and_resume(root, args, step=3)
     return root, full, resumed
 
 
@@ -417,3 +412,20 @@ def test_a_listwise_export_is_served_like_any_reward_model(resumed_lists, list_f
     assert r.status_code == 200, r.text
     served = [x["reward"] for x in r.json()["results"]]
     assert served == pytest.approx(scorer.score([row["prompt"]] * len(row["responses"]), row["responses"]).tolist(), abs=1e-5)
+
+
+def test_listwise_bf16_master_trains_like_fp32(tiny_model, list_files, tmp_path):
+    """bf16 forward/backward over fp32 masters (auto's choice on AVX512-BF16/AMX CPUs) on lists: it learns,
+    exports the fp32 masters, and ends where fp32 does (bf16 rounds, so not bitwise; Adam's first steps
+    amplify the rounding of tiny gradients, so the weights are compared by what they score)."""
+    train, val = list_files
+    src = tiny_model("bert")
+    common = [f"data.validation=[{val}]", "train.max_steps=12"]
+    runs = {p: run_training(load_config(None, _args(src, train, tmp_path / p, *common) + [f"train.precision={p}"]), progress=False)
+            for p in ("fp32", "bf16_master")}
+    bf16 = load_file(tmp_path / "bf16_master/model/model.safetensors")
+    assert {v.dtype for v in bf16.values()} == {torch.float32}
+    f, b = runs["fp32"]["final_validation"], runs["bf16_master"]["final_validation"]
+    assert runs["bf16_master"]["steps"] == 12 and f["pairs"] == b["pairs"]
+    assert b["accuracy"] > 0.8 and abs(f["accuracy"] - b["accuracy"]) <= 0.1, (f["accuracy"], b["accuracy"])
+    assert abs(f["ndcg"] - b["ndcg"]) <= 0.05
