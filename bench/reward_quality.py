@@ -24,7 +24,8 @@ Variants (rewardforge; each changes one thing from ``defaults``):
 * ``head_lr10`` / ``head_lr100``: today's defaults with ``train.head_lr_multiplier`` 10 / 100 (the random head
   learns at 10x / 100x the backbone's rate);
 * ``ema99`` / ``ema995``: today's defaults, validating and exporting the weights' moving average
-  (``train.ema_decay`` 0.99 / 0.995: about the last 100 / 200 of the ~950 steps).
+  (``train.ema_decay`` 0.99 / 0.995: about the last 100 / 200 of the ~950 steps);
+* ``response_right_linear``: today's defaults with ``data.truncation=response_right``.
 
 (Resuming is checked for exactness by tests/test_train.py and tests/test_reliability.py, and ``rf_eager``
 is used only under bf16_master; neither is re-measured here.)
@@ -65,6 +66,7 @@ VARIANTS = {
     "head_lr100": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "train.head_lr_multiplier=100"],
     "ema99": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "train.ema_decay=0.99"],
     "ema995": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "train.ema_decay=0.995"],
+    "response_right_linear": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "data.truncation=response_right"],
 }
 # what train_vs_trl's rewardforge worker pins (for a like-for-like speed comparison) that the defaults differ in
 DEFAULT_OVERRIDES = ["train.lr_scheduler=cosine", "train.warmup_ratio=0.03"]
