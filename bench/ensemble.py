@@ -35,14 +35,10 @@ sys.path.insert(0, str(ROOT / "src"))
 
 
 def cpu_flags() -> dict[str, bool]:
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:  # no /proc/cpuinfo (not Linux): every flag reads as absent
-        pass
+    """avx2 / avx512_bf16 / amx of this CPU, for the printed line and the JSON (bench/cpuinfo.py reads them)."""
+    from cpuinfo import cpu_features
+
+    flags = cpu_features()[1]
     return {"avx2": "avx2" in flags, "avx512_bf16": "avx512_bf16" in flags, "amx": any(f.startswith("amx") for f in flags)}
 
 
