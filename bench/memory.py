@@ -11,7 +11,9 @@ every value after step 300 within 10% of it).
 
 Variants (default ``off,on``: the same run before and after the fix, in one command):
 
-* ``on``: rewardforge's defaults (``train.malloc_trim_steps=10``: ``malloc_trim(0)`` every 10 steps).
+* ``on``: rewardforge's defaults (``train.malloc_trim_steps=10``, ``train.malloc_trim_growth=0.03``:
+  ``malloc_trim(0)`` every 10 steps and after any step that leaves RSS 3% above its value after the last one).
+* ``on-fixed10``: ``train.malloc_trim_growth=0``: every 10 steps only (the default before the growth check).
 * ``on-every-step``: ``train.malloc_trim_steps=1``.
 * ``off``: ``train.malloc_trim_steps=0``: glibc's malloc as it comes.
 * ``off-arena2``: ``off`` with ``MALLOC_ARENA_MAX=2`` (at most two malloc arenas).
@@ -48,6 +50,7 @@ OFF = ["train.malloc_trim_steps=0"]
 # name -> (environment, config overrides, child tweaks)
 VARIANTS: dict[str, tuple[dict[str, str], list[str], set[str]]] = {
     "on": ({}, [], set()),
+    "on-fixed10": ({}, ["train.malloc_trim_growth=0"], set()),
     "on-every-step": ({}, ["train.malloc_trim_steps=1"], set()),
     "off": ({}, OFF, set()),
     "off-arena2": ({"MALLOC_ARENA_MAX": "2"}, OFF, set()),
@@ -95,6 +98,7 @@ def child(spec: dict) -> None:
     rss_setup = rss_mb()
     timing = train(run, progress=False)
     out = {"setup_s": setup_s, "train_s": timing["train_seconds"], "rss_after_setup_mb": rss_setup,
+           "memory_releases": timing["memory_releases"],
            "peak_rss_mb": peak_rss_mb(), "train_examples": len(run.train_data), "precision": run.cfg.train.precision}
     Path(spec["result"]).write_text(json.dumps(out))
 
@@ -214,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
             cells = "  ".join(f"{label} (step {s}) {v:,.0f}" for label, (s, v) in r["marks"].items())
             print(f"{name:>12}: RSS MiB  {cells}  | end vs step 300 {r['growth_from_300']:+.1%}, max after 300 "
                   f"{r['max_growth_from_300']:+.1%}, peak {r['peak_rss_mb']:,.0f}; {r['train_s'] / args.steps * 1000:.0f} ms/step "
-                  f"({r['precision']}, {r['train_examples']} train pairs)", flush=True)
+                  f"({r['precision']}, {r['train_examples']} train pairs; {r['memory_releases']['total']} releases, "
+                  f"{r['memory_releases']['by_growth']} of them on growth)", flush=True)
     for name, r in results.items():
         if args.steps <= 300:
             print(f"goal (RSS after step 300 within 10% of its value there) for {name}: not measured (a run of {args.steps} steps)")

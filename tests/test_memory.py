@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from conftest import synthetic_pairs, write_jsonl
 from rewardforge.config import ConfigError, load_config
-from rewardforge.training.memory import peak_rss_mb, release_free_memory, rss_mb
+from rewardforge.training import memory
+from rewardforge.training.memory import MemoryReleaser, peak_rss_mb, release_free_memory, rss_mb
 from rewardforge.train import run_training
 
 
@@ -73,3 +74,35 @@ def test_releasing_memory_every_step_trains_the_same_weights(tiny_model, tmp_pat
 def test_a_negative_malloc_trim_steps_is_an_error_naming_the_key():
     with pytest.raises(ConfigError, match=r"train.malloc_trim_steps must be >= 0 \(0 turns it off\), got -1"):
         load_config(None, ["train.malloc_trim_steps=-1"])
+
+
+def test_the_releaser_releases_every_n_steps_and_after_a_step_that_grew_rss_past_the_bound(monkeypatch):
+    trace = iter([1000.0,            # step 1: first reading, the base
+                  1020.0,            # step 2: +2%, under the 3% bound
+                  1040.0, 990.0,     # step 3: +4% -> released, 990 after it (the new base)
+                  1015.0,            # step 4: +2.5% of 990: kept
+                  1100.0, 1000.0])   # step 5: the periodic release (every 5), 1000 after it
+    released = []
+    monkeypatch.setattr(memory, "rss_mb", lambda: next(trace))
+    monkeypatch.setattr(memory, "release_free_memory", lambda: released.append(True) or True)
+    r = MemoryReleaser(steps=5, growth=0.03)
+    assert [r.after_step(s) for s in range(1, 6)] == [False, False, True, False, True]
+    assert (r.released, r.by_growth, r.base, len(released)) == (2, 1, 1000.0, 2)
+
+
+def test_malloc_trim_steps_0_turns_the_growth_check_off_too(monkeypatch):
+    monkeypatch.setattr(memory, "rss_mb", lambda: pytest.fail("RSS read with the release off"))
+    r = MemoryReleaser(steps=0, growth=0.03)
+    assert not any(r.after_step(s) for s in range(1, 30)) and r.released == 0
+
+
+def test_a_run_reports_its_memory_releases_in_the_summary(tiny_model, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(80))
+    summary = run_training(load_config(None, _args(tiny_model("gpt2"), data, tmp_path / "run", "train.malloc_trim_steps=2",
+                                                   "train.malloc_trim_growth=0")), progress=False)
+    assert summary["memory_releases"] == {"total": 3, "by_growth": 0}  # steps 2, 4 and 6 of 6
+
+
+def test_a_negative_malloc_trim_growth_is_an_error_naming_the_key():
+    with pytest.raises(ConfigError, match=r"train.malloc_trim_growth must be a fraction >= 0 \(0.03 = 3%"):
+        load_config(None, ["train.malloc_trim_growth=-0.1"])

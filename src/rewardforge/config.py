@@ -131,6 +131,7 @@ class TrainConfig:
     eval_batch_size: int = _f(0, "Pairs per validation batch (0: 2 x batch_size; read it as train.validation_batch_size).")
     threads: int = _f(0, "torch CPU threads (0 keeps torch's default).")
     malloc_trim_steps: int = _f(10, "Every N optimizer steps, return the memory glibc's malloc holds free to the OS (malloc_trim), so a long run's resident memory stays flat: freed activations of batches of varying length otherwise stay resident in malloc's heaps (rewardforge.training.memory; bench/memory.py measures it). The same results; 0 turns it off; nothing is done where the C library is not glibc.")
+    malloc_trim_growth: float = _f(0.03, "With malloc_trim_steps > 0, also release after any step that leaves the resident memory more than this fraction above what it was just after the last release (0: only every malloc_trim_steps steps). A step of long batches can leave hundreds of MiB of freed activations resident; this bounds that between the periodic releases for the cost of reading RSS once a step.")
     nonfinite: str = _f("stop", "On a NaN/inf loss or gradient: stop (keeping the last checkpoint) or skip the optimizer step.")
     max_skipped_steps: int = _f(10, "With nonfinite=skip, stop once this many steps have been skipped in the run.")
     strategy: str = _f("auto", "Several processes: ddp (replicate; the default, 'auto') or fsdp (shard weights, gradients and optimizer state; the backbone's transformer block is the wrap unit).")
@@ -202,6 +203,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.report_to has {t!r}; choose from {', '.join(TRACKERS)}")
     if cfg.train.malloc_trim_steps < 0:
         raise ConfigError(f"train.malloc_trim_steps must be >= 0 (0 turns it off), got {cfg.train.malloc_trim_steps}")
+    if not 0.0 <= cfg.train.malloc_trim_growth < 10.0:
+        raise ConfigError(f"train.malloc_trim_growth must be a fraction >= 0 (0.03 = 3%; 0 turns the check off), got {cfg.train.malloc_trim_growth}")
     positive = [("train", "batch_size"), ("train", "gradient_accumulation_steps"), ("data", "max_length")]
     for section, key in positive:
         if getattr(getattr(cfg, section), key) <= 0:

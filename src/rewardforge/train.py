@@ -50,7 +50,7 @@ from rewardforge.export.model_dir import prompt_fingerprint, reward_statistics, 
 from rewardforge.training.faults import fault_point
 from rewardforge.models.reward_model import load_tokenizer, set_attention
 from rewardforge.data.packing import check_share_prompt, model_kwargs
-from rewardforge.training.memory import check_free_space, estimate_memory, peak_rss_mb, release_free_memory, rss_mb
+from rewardforge.training.memory import MemoryReleaser, check_free_space, estimate_memory, peak_rss_mb, rss_mb
 from rewardforge.training.precision import MasterWeights, effective_precision, precision_reason
 from rewardforge.training.ema import EMA_FILE, WeightAverage
 from rewardforge.losses import combine
@@ -503,6 +503,7 @@ def train(run: Run, *, progress: bool = True) -> dict[str, Any]:
     window: dict[str, float] = {}
     t_start = time.perf_counter()
     bar = tqdm(total=run.total_steps, initial=st.step, desc="train", disable=not progress or not acc.is_main_process, dynamic_ncols=True)
+    releaser = MemoryReleaser(cfg.train.malloc_trim_steps, cfg.train.malloc_trim_growth)
     model.train()
     while st.step < run.total_steps:
         run.train_sampler.set_epoch(st.epoch)
@@ -536,14 +537,14 @@ def train(run: Run, *, progress: bool = True) -> dict[str, Any]:
             if cfg.train.log_steps and st.step % cfg.train.log_steps == 0:
                 _log_window(run, window, grad_norm, time.perf_counter() - t_start)
                 window = {}
-            if cfg.train.malloc_trim_steps and st.step % cfg.train.malloc_trim_steps == 0:
-                release_free_memory()  # after the step's RSS is logged: the log shows what was held before
+            releaser.after_step(st.step)  # after the step's RSS is logged: the log shows what was held before
             _after_step(run, bar)
         if group >= len(plan):
             st.epoch += 1
             st.batch_in_epoch = 0
     bar.close()
-    return {"train_seconds": time.perf_counter() - t_start}
+    return {"train_seconds": time.perf_counter() - t_start,
+            "memory_releases": {"total": releaser.released, "by_growth": releaser.by_growth}}
 
 
 def _forward_backward(run: Run, steps: list, first: int) -> tuple[dict[str, float], int, str | None]:
@@ -794,6 +795,7 @@ def run_training(cfg: Config, *, progress: bool = True, export: bool = True) -> 
         summary.update(_export_and_next(run, final_pred, progress))
     summary["wall_seconds"] = time.perf_counter() - t0
     summary["train_seconds"] = timing["train_seconds"]
+    summary["memory_releases"] = timing["memory_releases"]  # malloc_trim calls of this process (this session)
     summary["examples_per_second"] = run.state.examples_seen / max(timing["train_seconds"], 1e-9)
     if acc.is_main_process:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -3,7 +3,8 @@ resident memory of the training process (how much it holds now and at its peak, 
 
 ``rss_mb`` and ``peak_rss_mb`` go into every metrics.jsonl record (and so to the trackers), the
 progress bar and ``summary.json``. Both are MiB (2**20 bytes) of this process, not of its children.
-``release_free_memory`` is what ``train.malloc_trim_steps`` calls (see its docstring for why).
+``release_free_memory`` is what ``train.malloc_trim_steps`` and ``train.malloc_trim_growth`` call, through
+``MemoryReleaser`` (see their docstrings for why).
 
 Example:
     >>> from rewardforge.training.memory import rss_mb, peak_rss_mb
@@ -84,6 +85,54 @@ def release_free_memory() -> bool:
         return False
     trim(0)
     return True
+
+
+class MemoryReleaser:
+    """When the training loop calls ``release_free_memory``: after every ``steps``-th optimizer step, and after
+    any step that leaves this process's RSS more than ``growth`` (a fraction) above what it was just after
+    the last release. ``steps`` 0 turns both off.
+
+    Why both: a release every 10 steps keeps the run's resident memory flat on average, but what those 10
+    steps' batches free stays resident until the next one, so RSS read between releases swings with their
+    lengths (+15% on MiniLM, bench/memory.py); a release every step holds it within a step's worth for the
+    cost of re-faulting those pages every step. Reading RSS once a step (``/proc/self/statm``, microseconds)
+    and releasing only when it has grown bounds the swing at about ``growth`` plus one step's worth.
+
+    >>> r = MemoryReleaser(steps=10, growth=0.03)
+    >>> r.base = 100.0  # MiB just after the last release
+    >>> r.due(10, rss=100.0), r.due(11, rss=102.0), r.due(12, rss=104.0)
+    (True, False, True)
+    """
+
+    def __init__(self, steps: int, growth: float):
+        self.steps, self.growth = steps, growth
+        self.base: float | None = None  # RSS (MiB) just after the last release
+        self.released = 0  # releases so far, periodic and growth-triggered
+        self.by_growth = 0  # of which triggered by growth
+
+    def due(self, step: int, rss: float) -> bool:
+        if not self.steps:
+            return False
+        if step % self.steps == 0:
+            return True
+        if self.growth and self.base is not None and rss > self.base * (1.0 + self.growth):
+            self.by_growth += 1
+            return True
+        return False
+
+    def after_step(self, step: int) -> bool:
+        """Release if due after optimizer step ``step``; True when it did."""
+        if not self.steps:
+            return False
+        now = rss_mb()
+        if self.base is None:
+            self.base = now
+        if not self.due(step, now):
+            return False
+        release_free_memory()
+        self.released += 1
+        self.base = rss_mb()
+        return True
 
 
 def estimate_memory(model, cfg: Config, max_tokens: int, shards: int = 1) -> dict[str, float]:
