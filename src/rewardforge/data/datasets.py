@@ -225,16 +225,35 @@ def _cache_path(cache_dir, entries: list["_Entry"], st: "_Settings", tokenizer) 
     return root / hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
-def _open_built(path: Path):
-    """(dataset, report) of a complete entry, mapped; a damaged entry is removed (and rebuilt), never trusted."""
+def _open_built(path: Path, kinds: dict[str, Any] | None = None):
+    """(dataset, report) of a complete entry, mapped; a damaged entry is removed (and rebuilt), never trusted.
+
+    ``kinds``: the dataset classes by the entry's ``kind`` (default: pairs and rated; list data passes its own), each
+    with ``from_table(table, meta)``; a table row is an example (a pair, a rated response, a list).
+    """
+    kinds = _KINDS if kinds is None else kinds
     try:
         table, meta = open_table(path)
-        if table.num_rows != meta["report"]["examples"] or meta["kind"] not in _KINDS:
+        if table.num_rows != meta["report"]["examples"] or meta["kind"] not in kinds:
             raise ValueError("row count does not match the report")
-        return _KINDS[meta["kind"]].from_table(table, meta), DataReport(**meta["report"])
+        return kinds[meta["kind"]].from_table(table, meta), DataReport(**meta["report"])
     except Exception:  # noqa: BLE001 - any unreadable entry is rebuilt
         shutil.rmtree(path, ignore_errors=True)
         return None
+
+
+@contextlib.contextmanager
+def build_target(path: Path | None):
+    """Where a cold build writes its entry: ``path`` (the cache), or with no cache (``None``) a scratch directory of its
+    own, deleted on leaving, once the entry is mapped (the mapping stays valid)."""
+    if path is not None:
+        yield Path(path)
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="rewardforge-data-"))
+    try:
+        yield scratch / "dataset"
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 _PROGRESS: "contextvars.ContextVar[bool]" = contextvars.ContextVar("rewardforge_data_progress", default=False)
@@ -388,19 +407,12 @@ def build_dataset(
 def _build(entries: list[_Entry], tokenizer, st: _Settings, path: Path | None, num_proc: int):
     """Stream the entries through parsing, rendering and tokenization into an Arrow file; return it mapped."""
     report = DataReport(sources=[f for e in entries for f in e.files], per_source=_entry_records(entries))
-    scratch = None
-    if path is None:  # no cache: a file of its own, deleted once mapped (the mapping stays valid)
-        scratch = Path(tempfile.mkdtemp(prefix="rewardforge-data-"))
-        path = scratch / "dataset"
-    try:
-        with TableWriter(path, _KINDS[st.kind].SCHEMA) as writer:
+    with build_target(path) as target:
+        with TableWriter(target, _KINDS[st.kind].SCHEMA) as writer:
             _write_examples(entries, tokenizer, st, writer, report, num_proc)
             writer.finish({"kind": st.kind, "attributes": list(st.attributes or []), "report": report.as_dict()})
-        table, meta = open_table(path)
+        table, meta = open_table(target)
         return _KINDS[st.kind].from_table(table, meta), report
-    finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _write_examples(entries: list[_Entry], tokenizer, st: _Settings, writer: TableWriter, report: DataReport, num_proc: int) -> None:

@@ -35,6 +35,7 @@ DATA_FILE = "data.arrow"
 REPORT_FILE = "report.json"
 TOKENS = pa.large_list(pa.int32())
 FLOATS = pa.large_list(pa.float32())
+TOKEN_LISTS = pa.large_list(TOKENS)  # lists of sequences (the K responses of a list, model.reward_model_type=listwise)
 
 
 def plain_array(values: np.ndarray, type: pa.DataType) -> pa.Array:
@@ -49,17 +50,21 @@ def _offsets(lengths) -> np.ndarray:
     return offsets
 
 
+def list_array(values: pa.Array, lengths) -> pa.LargeListArray:
+    """A ``large_list`` array of the rows ``values`` holds back to back, ``lengths[i]`` each (no copy of ``values``)."""
+    return pa.LargeListArray.from_arrays(plain_array(_offsets(lengths), pa.int64()), values)
+
+
 def token_array(values: np.ndarray, lengths: np.ndarray) -> pa.LargeListArray:
     """A ``large_list<int32>`` array of the sequences ``values`` holds back to back, ``lengths[i]`` each (no copy)."""
-    return pa.LargeListArray.from_arrays(plain_array(_offsets(lengths), pa.int64()), plain_array(values, pa.int32()))
+    return list_array(plain_array(values, pa.int32()), lengths)
 
 
 def float_rows(values: np.ndarray) -> pa.LargeListArray:
     """A ``large_list<float32>`` array of the rows of a 2-d array (labels: one value per attribute)."""
     values = np.asarray(values, np.float32)
     n, width = values.shape
-    offsets = np.arange(n + 1, dtype=np.int64) * width
-    return pa.LargeListArray.from_arrays(plain_array(offsets, pa.int64()), plain_array(values.reshape(-1), pa.float32()))
+    return list_array(plain_array(values.reshape(-1), pa.float32()), np.full(n, width, np.int64))
 
 
 def _view(array: pa.Array, dtype) -> np.ndarray:
@@ -213,15 +218,34 @@ def numbers(column: pa.ChunkedArray | pa.Array, dtype) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype)
 
 
+def nested(column: pa.ChunkedArray | pa.Array) -> tuple[pa.ChunkedArray, np.ndarray]:
+    """The inner rows of a ``large_list`` column (its chunks' values, no copy) and where each of its rows starts in
+    them: int64 offsets, ``len(column) + 1`` of them, 0 first (a private array, 8 bytes per row).
+
+    Example:
+        >>> inner, offsets = nested(list_array(token_array(np.arange(3, dtype=np.int32), [1, 2, 0]), [2, 1]))
+        >>> [x.tolist() for x in TokenColumn._of(inner)], offsets.tolist()
+        ([[0], [1, 2], []], [0, 2, 3])
+    """
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    inner, offsets, base = [], [np.zeros(1, np.int64)], 0
+    for c in chunks:
+        if len(c):
+            o = _view(c.offsets, np.int64)
+            inner.append(c.values.slice(int(o[0]), int(o[-1] - o[0])))
+            offsets.append(o[1:] - o[0] + base)
+            base += int(o[-1] - o[0])
+    return pa.chunked_array(inner, type=column.type.value_type), np.concatenate(offsets)
+
+
+def list_values(column: pa.ChunkedArray | pa.Array, dtype) -> np.ndarray:
+    """The values of a ``large_list`` column of fixed-width numbers, row after row, as one private numpy array."""
+    return numbers(nested(column)[0], dtype)
+
+
 def float_matrix(column: pa.ChunkedArray, width: int) -> np.ndarray:
     """A ``large_list<float32>`` column of rows of ``width`` values as an (n, width) private array."""
-    parts = []
-    for c in column.chunks:
-        if len(c):
-            offsets = _view(c.offsets, np.int64)
-            parts.append(_view(c.values, np.float32)[offsets[0] : offsets[-1]])
-    flat = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-    return flat.reshape(len(column), width)
+    return list_values(column, np.float32).reshape(len(column), width)
 
 
 # ------------------------------------------------------------------ files
