@@ -38,8 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,8 +58,10 @@ from rewardforge.data.formats import (
 )
 from rewardforge.data.readers import DataError, Row, fingerprint_sources
 
+# 3: a memory-mapped Arrow entry (a directory: data.arrow + report.json, as pairs), no longer an .npz;
 # 2: each list's data.train entry (source) and the entries' max_rows in the key
-LIST_CACHE_VERSION = 2
+LIST_CACHE_VERSION = 3
+LIST_BATCH = 4096  # lists per record batch of the Arrow file
 LIST_FIELDS = ("scores", "ranking", "best")
 
 
@@ -224,24 +224,33 @@ class ListDataset(torch.utils.data.Dataset):
     """Tokenized lists. Item: the list's response token ids, their scores, its index and first row.
 
     Responses are stored flat (``ids``), list ``i`` holding rows ``offsets[i]:offsets[i + 1]``; ``source[i]`` is
-    the data entry list ``i`` came from (what :func:`rewardforge.data.mixing.mix_sources` weighs).
+    the data entry list ``i`` came from (what :func:`rewardforge.data.mixing.mix_sources` weighs). As for pairs,
+    ``ids`` is a :class:`~rewardforge.data.store.TokenColumn` over the (memory-mapped) Arrow file, each response a
+    read-only int32 view (no copy); ``prompt_keys``/``extra`` are sequences of str/dict (one per list), ``offsets``,
+    ``scores`` (one per response) and ``source`` private numpy arrays. Lists work too:
+    ``ListDataset([ids...], offsets, scores, keys, extras)``.
+
+    The Arrow file has one row per list (:func:`list_schema`): ``responses`` (``large_list<large_list<int32>>``: its
+    responses' token ids, one inner row per response; the outer offsets are ``offsets``), ``scores``
+    (``large_list<float32>``), ``prompt_key``, ``extra`` (JSON) and ``source``.
     """
 
     kind = "lists"
 
-    def __init__(self, ids: list[np.ndarray], offsets: np.ndarray, scores: np.ndarray, prompt_keys: list[str], extra: list[dict],
-                 source=None):
-        self.ids, self.offsets = ids, np.asarray(offsets, dtype=np.int64)
+    def __init__(self, ids, offsets, scores, prompt_keys, extra, source=None):
+        from rewardforge.data.datasets import _objects, _sources, _texts, _tokens
+
+        self.ids, self.offsets = _tokens(ids), np.asarray(offsets, dtype=np.int64)
         self.scores = np.asarray(scores, dtype=np.float32)
-        self.prompt_keys, self.extra = prompt_keys, extra
-        self.source = np.zeros(len(self), np.int32) if source is None else np.asarray(source, np.int32)
+        self.prompt_keys, self.extra = _texts(prompt_keys), _objects(extra)
+        self.source = _sources(source, len(self))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return {"responses": self.ids[a:b], "scores": self.scores[a:b], "index": i, "row_start": a}
+        return {"responses": [self.ids[r] for r in range(a, b)], "scores": self.scores[a:b], "index": i, "row_start": a}
 
     def sizes(self) -> np.ndarray:
         """Responses per list."""
@@ -249,17 +258,44 @@ class ListDataset(torch.utils.data.Dataset):
 
     def lengths(self) -> np.ndarray:
         """Tokens a list costs in a padded batch: its K responses padded to the longest."""
-        return np.array([(b - a) * max(len(x) for x in self.ids[a:b]) for a, b in zip(self.offsets[:-1], self.offsets[1:])],
-                        dtype=np.int64)
+        sizes = self.sizes()
+        longest = np.zeros(len(sizes), np.int64)
+        full = sizes > 0
+        if full.any():  # the longest response of each (non-empty) list, from the column's lengths
+            longest[full] = np.maximum.reduceat(self.ids.lengths(), self.offsets[:-1][full])
+        return sizes * longest
 
     def subset(self, idx) -> "ListDataset":
-        """The lists ``idx`` (a sequence or numpy index array; repeats allowed), sharing the token arrays."""
+        """The lists ``idx`` (a sequence or numpy index array; repeats allowed): views of the same token buffers through
+        an index array of their responses, no copy of the data."""
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         sizes = self.sizes()[idx]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         rows = np.repeat(self.offsets[idx] - offsets[:-1], sizes) + np.arange(offsets[-1])
-        return ListDataset([self.ids[r] for r in rows.tolist()], offsets, self.scores[rows],
-                           [self.prompt_keys[i] for i in idx.tolist()], [self.extra[i] for i in idx.tolist()], self.source[idx])
+        return ListDataset(self.ids.take(rows), offsets, self.scores[rows], self.prompt_keys.take(idx), self.extra.take(idx),
+                           self.source[idx])
+
+    @classmethod
+    def from_table(cls, table, meta: dict[str, Any]) -> "ListDataset":
+        """The dataset of a (mapped) table of :func:`list_schema`: token ids stay views of its buffers."""
+        from rewardforge.data.store import JSONColumn, TextColumn, TokenColumn, nested, numbers
+
+        responses, offsets = nested(table["responses"])
+        scores, score_offsets = nested(table["scores"])
+        if not np.array_equal(offsets, score_offsets):
+            raise ValueError("the lists' scores do not match their responses")
+        return cls(TokenColumn._of(responses), offsets, numbers(scores, np.float32), TextColumn._of(table["prompt_key"]),
+                   JSONColumn._of(table["extra"]), numbers(table["source"], np.int32))
+
+
+def list_schema():
+    """The Arrow schema of a list dataset's file: one row per list (see :class:`ListDataset`)."""
+    import pyarrow as pa
+
+    from rewardforge.data.store import FLOATS, TOKEN_LISTS
+
+    return pa.schema([("responses", TOKEN_LISTS), ("scores", FLOATS), ("prompt_key", pa.large_string()),
+                      ("extra", pa.large_string()), ("source", pa.int32())])
 
 
 class ListCollator:
@@ -311,13 +347,14 @@ def build_list_dataset(cfg, tokenizer, sources: list):
     lists), and every list records its entry in ``dataset.source`` for
     :func:`~rewardforge.data.mixing.mix_sources`. The report's ``per_source`` has one record per entry (``source``,
     ``files``, ``rows_read``, ``examples``: lists kept, and ``max_rows`` when set). Tokenized lists are cached like
-    pairs and rated responses (keyed by the data, each entry's ``max_rows``, tokenizer and settings;
-    ``data.cache_dir=none`` disables it).
+    pairs and rated responses, in a memory-mapped Arrow file (a directory ``lists-<key>`` in ``data.cache_dir`` with
+    ``data.arrow`` and ``report.json``, renamed into place when complete; keyed by the data, each entry's ``max_rows``,
+    tokenizer and settings; ``data.cache_dir=none`` disables it: the file is then a scratch one, deleted once mapped).
 
     Returns:
-        ``(dataset, DataReport)``.
+        ``(dataset, DataReport)``; the dataset's token ids are memory-mapped from its Arrow file.
     """
-    from rewardforge.data.datasets import DataReport, _Entry, _entry_records, progress_bar
+    from rewardforge.data.datasets import DataReport, _Entry, _entry_records, _open_built, progress_bar
 
     d = cfg.data
     t0 = time.perf_counter()
@@ -325,33 +362,32 @@ def build_list_dataset(cfg, tokenizer, sources: list):
         raise DataError("no data given; set data.train (and optionally data.validation)")
     entries = [_Entry.of(s) for s in sources]
     cache_path = None if str(d.cache_dir).lower() == "none" else _list_cache_path(d, entries, tokenizer)
-    if cache_path is not None and cache_path.is_file():
-        try:
-            ds, report = _load(cache_path, DataReport)
-            report.seconds = time.perf_counter() - t0
-            return ds, report
-        except Exception:  # a damaged cache entry is rebuilt, never trusted
-            cache_path.unlink(missing_ok=True)
+    built = _open_built(cache_path, {"lists": ListDataset}) if cache_path is not None and cache_path.is_dir() else None
+    if built is not None:  # (a damaged entry is removed by _open_built and rebuilt here, never trusted)
+        built[1].from_cache = True
+        built[1].seconds = time.perf_counter() - t0
+        return built
 
     report = DataReport(sources=[f for e in entries for f in e.files], per_source=_entry_records(entries))
     parse_report = ParseReport()
     lists, list_sources = _read_lists(entries, d, report, parse_report, progress_bar)
-    ds = _tokenized(lists, list_sources, tokenizer, d, report, progress_bar)
-    for k, n in enumerate(np.bincount(ds.source, minlength=len(entries)).tolist()):
+    tokenized = _tokenized(lists, list_sources, tokenizer, d, report, progress_bar)
+    del lists
+    for k, n in enumerate(np.bincount(tokenized.sources, minlength=len(entries)).tolist()):
         report.per_source[k]["examples"] = n
     report.rows_read = parse_report.rows_read
     report.formats = dict(parse_report.formats)
     report.skipped_bad_rows = sum(parse_report.skipped.values())
     report.bad_row_messages = parse_report.examples
-    report.examples = len(ds)
-    if cache_path is not None:
-        _save(cache_path, ds, report)
+    report.examples = len(tokenized.sizes)
+    ds = _write(cache_path, tokenized, report)
     report.seconds = time.perf_counter() - t0
     return ds, report
 
 
 def _list_cache_path(d, entries: list, tokenizer) -> Path:
-    """The cache file of a list build: a hash of the data, the entries (with their ``max_rows``), tokenizer and settings."""
+    """The cache entry of a list build (a directory: ``data.arrow`` + ``report.json``): a hash of the data, the entries
+    (with their ``max_rows``), tokenizer and settings."""
     from rewardforge.data.datasets import default_cache_dir, tokenizer_fingerprint
 
     key = json.dumps({"v": LIST_CACHE_VERSION, "kind": "lists", "data": fingerprint_sources([f for e in entries for f in e.files]),
@@ -359,7 +395,7 @@ def _list_cache_path(d, entries: list, tokenizer) -> Path:
                       "max_length": d.max_length, "truncation": d.truncation, "skip": d.skip_bad_rows,
                       "field_map": dict(d.field_map), "split": d.split, "group_by": d.group_by, "score_label": d.score_label,
                       "dedup": d.drop_duplicates, "tokenizer": tokenizer_fingerprint(tokenizer)}, sort_keys=True)
-    return Path(d.cache_dir or default_cache_dir()) / f"lists-{hashlib.sha256(key.encode()).hexdigest()[:32]}.npz"
+    return Path(d.cache_dir or default_cache_dir()) / f"lists-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
 
 
 def _read_lists(entries: list, d, report, parse_report: ParseReport, bar_of) -> tuple[list[ResponseList], list[int]]:
@@ -384,7 +420,19 @@ def _counted(rows: Iterable[Row], record: dict, bar) -> Iterator[Row]:
         yield row
 
 
-def _tokenized(lists: list[ResponseList], list_sources: list[int], tokenizer, d, report, bar_of) -> ListDataset:
+@dataclass
+class _Tokenized:
+    """The kept lists of a build before they are written: token ids and scores per response, the rest per list."""
+
+    ids: list = field(default_factory=list)  # int32 arrays, list after list
+    scores: list = field(default_factory=list)
+    sizes: list = field(default_factory=list)  # responses per list
+    keys: list = field(default_factory=list)
+    extras: list = field(default_factory=list)  # JSON
+    sources: list = field(default_factory=list)
+
+
+def _tokenized(lists: list[ResponseList], list_sources: list[int], tokenizer, d, report, bar_of) -> _Tokenized:
     """Render, deduplicate and tokenize the lists; what is dropped is counted in ``report``."""
     from rewardforge.data.datasets import json_safe, prompt_key
     from rewardforge.data.inputs import InputFormat
@@ -420,7 +468,7 @@ def _tokenized(lists: list[ResponseList], list_sources: list[int], tokenizer, d,
     stats = TruncationStats()
     # a list's responses side by side: their shared prompt is tokenized once where that is exact
     ids = _tokenize_with_bar(tokenizer, texts, starts, d.max_length, d.truncation, stats, InputFormat.of(tokenizer).ends, bar_of)
-    out_ids, out_scores, offsets, out_keys, out_extra, out_src = [], [], [0], [], [], []
+    out = _Tokenized()
     pos = 0
     for sc_list, k, key, extra, src in zip(scores, sizes, keys, extras, srcs):
         kept_ids: list[np.ndarray] = []
@@ -433,13 +481,12 @@ def _tokenized(lists: list[ResponseList], list_sources: list[int], tokenizer, d,
         pos += k
         if not _usable(kept_sc, report):
             continue
-        out_ids += kept_ids
-        out_scores += kept_sc
-        offsets.append(offsets[-1] + len(kept_ids))
-        out_keys.append(key), out_extra.append(extra), out_src.append(src)
+        out.ids += kept_ids
+        out.scores += kept_sc
+        out.sizes.append(len(kept_ids))
+        out.keys.append(key), out.extras.append(json.dumps(extra)), out.sources.append(src)
     report.truncation = stats.as_dict()
-    return ListDataset(out_ids, np.asarray(offsets), np.asarray(out_scores, np.float32), out_keys, out_extra,
-                       np.asarray(out_src, np.int32))
+    return out
 
 
 def _usable(scores: list[float], report) -> bool:
@@ -453,27 +500,35 @@ def _usable(scores: list[float], report) -> bool:
     return True
 
 
-def _save(path: Path, ds: ListDataset, report) -> None:
-    lengths = np.array([len(x) for x in ds.ids], dtype=np.int64)
-    meta = {"prompt_keys": ds.prompt_keys, "extra": ds.extra, "report": report.as_dict()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        np.savez(fh, ids=np.concatenate(ds.ids) if ds.ids else np.zeros(0, np.int32), lengths=lengths, offsets=ds.offsets,
-                 scores=ds.scores, source=ds.source, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
-    os.replace(tmp, path)
+def _write(path: Path | None, lists: _Tokenized, report) -> ListDataset:
+    """Write the lists to an Arrow file in record batches of :data:`LIST_BATCH` lists (the cache entry ``path``, or a
+    scratch file when the cache is off) and return the dataset mapped from it, as pairs are."""
+    import pyarrow as pa
 
+    from rewardforge.data.datasets import build_target
+    from rewardforge.data.store import TableWriter, list_array, open_table, plain_array, text_array, token_array
 
-def _load(path: Path, report_cls):
-    with np.load(path) as z:
-        meta = json.loads(z["meta"].tobytes().decode())
-        flat, lengths = z["ids"], z["lengths"]
-        ends = np.cumsum(lengths).tolist()
-        ids = [flat[e - n : e] for e, n in zip(ends, lengths.tolist())]
-        ds = ListDataset(ids, z["offsets"], z["scores"], meta["prompt_keys"], meta["extra"], z["source"])
-    report = report_cls(**meta["report"])
-    report.from_cache = True
-    return ds, report
+    sizes = np.asarray(lists.sizes, np.int64)
+    lengths = np.array([len(x) for x in lists.ids], np.int64)
+    values = np.concatenate(lists.ids).astype(np.int32, copy=False) if lists.ids else np.zeros(0, np.int32)
+    lists.ids = []  # (the arrays are in `values` now)
+    scores, sources = np.asarray(lists.scores, np.float32), np.asarray(lists.sources, np.int32)
+    rows = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # each list's first response
+    tokens = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # each response's first token
+    schema = list_schema()
+    with build_target(path) as target:
+        with TableWriter(target, schema) as writer:
+            for a in range(0, len(sizes), LIST_BATCH):
+                b = min(a + LIST_BATCH, len(sizes))
+                r0, r1 = int(rows[a]), int(rows[b])
+                writer.write(pa.record_batch([
+                    list_array(token_array(values[tokens[r0] : tokens[r1]], lengths[r0:r1]), sizes[a:b]),
+                    list_array(plain_array(scores[r0:r1], pa.float32()), sizes[a:b]),
+                    text_array(lists.keys[a:b]), text_array(lists.extras[a:b]), plain_array(sources[a:b], pa.int32()),
+                ], schema=schema))
+            writer.finish({"kind": "lists", "report": report.as_dict()})
+        table, meta = open_table(target)
+        return ListDataset.from_table(table, meta)
 
 
 def _iter_bar(items: list, desc: str, unit: str, bar_of):
