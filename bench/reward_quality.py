@@ -25,7 +25,13 @@ Variants (rewardforge; each changes one thing from ``defaults``):
   learns at 10x / 100x the backbone's rate);
 * ``ema99`` / ``ema995``: today's defaults, validating and exporting the weights' moving average
   (``train.ema_decay`` 0.99 / 0.995: about the last 100 / 200 of the ~950 steps);
-* ``response_right_linear``: today's defaults with ``data.truncation=response_right``.
+* ``response_right_linear``: today's defaults with ``data.truncation=response_right``;
+* ``mean_pool``: today's defaults with ``model.pooling=mean`` (the reward read from the mean of the last hidden
+  states over the real tokens, MiniLM's own sentence-embedding pooling, instead of the pooled [CLS]).
+
+The ``plain`` template vs the raw dialogue text is not a training variant: for MiniLM (uncased WordPiece) the
+``plain`` template's text tokenizes to the raw HH text's token ids exactly, so every run prints
+:func:`text_format_check` instead (how many validation texts get the same ids both ways).
 
 (Resuming is checked for exactness by tests/test_train.py and tests/test_reliability.py, and ``rf_eager``
 is used only under bf16_master; neither is re-measured here.)
@@ -67,6 +73,7 @@ VARIANTS = {
     "ema99": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "train.ema_decay=0.99"],
     "ema995": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "train.ema_decay=0.995"],
     "response_right_linear": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "data.truncation=response_right"],
+    "mean_pool": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "model.pooling=mean"],
 }
 # what train_vs_trl's rewardforge worker pins (for a like-for-like speed comparison) that the defaults differ in
 DEFAULT_OVERRIDES = ["train.lr_scheduler=cosine", "train.warmup_ratio=0.03"]
@@ -130,6 +137,33 @@ def score_models(models: dict[str, dict], val_file: Path, max_length: int) -> di
     return out
 
 
+def text_format_check(val_file: Path, model_path: str, eos: str = "[SEP]") -> str:
+    """How the ``plain`` template's text compares with the raw HH dialogue (TRL's input: raw text + ``eos``
+    appended as text) once tokenized by MiniLM's tokenizer, over every validation text."""
+    from transformers import AutoTokenizer
+
+    from rewardforge.data.formats import parse_rows
+    from rewardforge.data.readers import read_rows
+    from rewardforge.data.template import TextRenderer, setup_template
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    setup_template(tok, "plain")
+    renderer = TextRenderer(tok)
+    raw = [json.loads(line) for line in open(val_file, encoding="utf-8")]
+    pairs = list(parse_rows(read_rows(str(val_file)), "auto"))
+    same = same_but_eos = 0
+    for r, p in zip(raw, pairs):
+        for side in ("chosen", "rejected"):
+            a = tok(renderer.render(p.prompt, getattr(p, side), p.where)[0])["input_ids"]
+            b = tok(r[side] + eos)["input_ids"]
+            same += a == b
+            same_but_eos += a != b and a == b[:-1]
+    n = 2 * len(raw)
+    return (f"text format: of {n} validation texts, the plain template's token ids equal the raw HH text's in "
+            f"{same + same_but_eos} ({(same + same_but_eos) / n:.1%}); {same_but_eos} of them differ only by the extra "
+            f"{eos!r} TRL appends as text (its tokenizer then adds its own)")
+
+
 def accuracy(margin: np.ndarray) -> float:
     from rewardforge.eval.metrics import win_rate
 
@@ -190,6 +224,7 @@ def main(argv=None) -> int:
     base = {"threads": args.threads, "max_length": args.max_length, "batch_size": args.batch_size, "lr": args.lr,
             "epochs": args.epochs, "precision": args.precision, "dropout_off": True, "train_file": str(train_file),
             "val_file": str(val_file), "model_path": resolve_model_path(tvt.MINILM), "model_name": tvt.MINILM}
+    print(text_format_check(val_file, base["model_path"]), flush=True)
     models: dict[str, dict] = {}
     runs: dict[str, dict] = {}
     t0 = time.perf_counter()

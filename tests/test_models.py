@@ -111,8 +111,8 @@ def test_detect_pooling_and_bad_paths(tiny_model):
         assert detect_pooling(AutoConfig.from_pretrained(tiny_model(kind))) == "last_token"
     with pytest.raises(ModelError, match="model.name_or_path is empty"):
         resolve_model_path("")
-    with pytest.raises(ModelError, match="pooling must be last_token or pooled, got 'mean'"):
-        RewardModel(torch.nn.Linear(1, 1), "mean")
+    with pytest.raises(ModelError, match="pooling must be last_token, pooled or mean, got 'max'"):
+        RewardModel(torch.nn.Linear(1, 1), "max")
 
 
 # ------------------------------------------------------------------ padding invariance
@@ -178,6 +178,23 @@ def test_encoder_pooled_equals_sequence_classification_logits(tiny_model, tmp_pa
     torch.testing.assert_close(ours, by_hand, atol=1e-6, rtol=0)
     assert enc["attention_mask"][0].sum() == 6  # "the quick brown fox" + [CLS]/[SEP]
     torch.testing.assert_close(alone[0], ours[0], atol=1e-5, rtol=0)  # right padding does not matter
+
+
+def test_encoder_mean_pooling_is_the_head_on_the_masked_mean_of_the_last_hidden_states(tiny_model):
+    model, tok = build(tiny_model, "bert", pooling="mean")
+    assert model.pooling == "mean"
+    model.eval()
+    enc = tok(["the quick brown fox", "water boils at one hundred degrees celsius"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = model(enc["input_ids"], enc["attention_mask"])
+        hidden = model.hf.bert(**enc).last_hidden_state
+        m = enc["attention_mask"][..., None].float()
+        by_hand = model.hf.classifier((hidden * m).sum(1) / m.sum(1))  # the pooler ([CLS] -> dense -> tanh) unused
+        pooled = RewardModel(model.hf, "pooled", sparse_last_layer=False)(enc["input_ids"], enc["attention_mask"])
+        alone = model(enc["input_ids"][:1, :6], enc["attention_mask"][:1, :6])
+    torch.testing.assert_close(ours, by_hand, atol=1e-6, rtol=0)
+    assert (ours - pooled).abs().min() > 1e-4  # a different reading from the pooled [CLS]
+    torch.testing.assert_close(alone[0], ours[0], atol=1e-5, rtol=0)  # padding tokens are not averaged in
 
 
 # ------------------------------------------------------------------ freezing
@@ -282,3 +299,35 @@ def test_dropout_override(tiny_model):
     model, _ = build(tiny_model, "gpt2", dropout=0.25)
     cfg = model.config
     assert (cfg.resid_pdrop, cfg.embd_pdrop, cfg.attn_pdrop) == (0.25, 0.25, 0.25)
+
+
+def test_a_mean_pooled_export_scores_through_rewardforge_and_says_plain_transformers_reads_another_token(tiny_model, tmp_path, capsys):
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    import rewardforge
+    from conftest import synthetic_pairs, write_jsonl
+    from rewardforge.config import load_config
+    from rewardforge.train import run_training
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", synthetic_pairs(40))
+    run_training(load_config(None, [f"model.name_or_path={tiny_model('bert')}", f"data.train=[{data}]", "data.cache_dir=none",
+                                    "train.batch_size=8", "train.max_steps=2", "train.precision=fp32",
+                                    f"output_dir={tmp_path / 'run'}", "model.pooling=mean"]), progress=False)
+    assert "note: model.pooling=mean" in capsys.readouterr().out
+    export = tmp_path / "run" / "model"
+    meta = json.loads((export / "rewardforge.json").read_text())
+    assert meta["pooling"] == "mean" and meta["plain_transformers_reward"] is False
+    assert "does not give this model's reward" in (export / "README.md").read_text()
+    scorer = rewardforge.load(export)
+    assert scorer.model.pooling == "mean"
+    text = "Human: How do I boil an egg?\n\nAssistant: Put it in boiling water."
+    enc = scorer.tokenizer([text], return_tensors="pt")
+    plain = AutoModelForSequenceClassification.from_pretrained(export).eval()
+    with torch.no_grad():
+        ours = scorer.model(enc["input_ids"], enc["attention_mask"])[0, 0].item()
+        by_hand = RewardModel(plain, "mean")(enc["input_ids"], enc["attention_mask"])[0, 0].item()
+        theirs = plain(**enc).logits[0, 0].item()
+    assert ours == pytest.approx(by_hand, abs=1e-5)
+    assert abs(ours - theirs) > 1e-4  # what the card warns about: plain transformers reads the pooled [CLS]

@@ -38,7 +38,7 @@ class ModelConfig:
     reward_model_type: str = _f("binary_ranking", "Registered reward model type: binary_ranking, regression, listwise (K ranked or rated responses per prompt), or one you registered.")
     attributes: list[str] = _f([], "Regression only: names of the predicted attributes, one output each.")
     attribute_weights: list[float] = _f([], "Weights of the attributes in the combined reward (default: the mean of all attributes).")
-    pooling: str = _f("auto", "Where the reward is read: last_token (decoders), pooled (encoders' pooled output) or auto.")
+    pooling: str = _f("auto", "Where the reward is read: last_token (decoders), pooled (encoders' pooled output, as transformers' sequence-classification head reads it), mean (encoders: the head on the mean of the last hidden states over the real tokens, a sentence-embedding model's own pooling; rewardforge.load, serve and the integrations read it, plain transformers would read the pooled output instead) or auto (last_token for decoders, pooled for encoders).")
     freeze_layers_fraction: float = _f(0.0, "Freeze the embeddings and this lowest fraction of transformer layers (trlx uses 0.7).")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass to save memory.")
     lora_r: int = _f(0, "LoRA rank through peft; 0 trains all (unfrozen) weights.")
@@ -172,7 +172,7 @@ class Config:
 TRACKERS = ("tensorboard", "wandb", "mlflow", "none")
 
 _CHOICES = {
-    ("model", "pooling"): ("auto", "last_token", "pooled"),
+    ("model", "pooling"): ("auto", "last_token", "pooled", "mean"),
     ("model", "ensemble_bootstrap"): ("poisson", "none"),
     ("model", "ensemble_init"): ("independent", "shared"),
     ("data", "truncation"): ("prompt_left", "response_right"),
@@ -228,8 +228,8 @@ def validate(cfg: Config) -> None:
             f"model.attribute_weights has {len(cfg.model.attribute_weights)} values but model.attributes names "
             f"{len(cfg.model.attributes)}; give one weight per attribute"
         )
-    if cfg.train.share_prompt and cfg.model.pooling == "pooled":
-        raise ConfigError("train.share_prompt=true needs a decoder backbone (last_token pooling), not model.pooling=pooled; "
+    if cfg.train.share_prompt and cfg.model.pooling in ("pooled", "mean"):
+        raise ConfigError(f"train.share_prompt=true needs a decoder backbone (last_token pooling), not model.pooling={cfg.model.pooling}; "
                           "set train.share_prompt=false")
     if cfg.data.group_by and not cfg.data.score_label:
         raise ConfigError(f"data.group_by={cfg.data.group_by!r} needs data.score_label, the label that scores each response "

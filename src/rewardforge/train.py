@@ -815,6 +815,10 @@ def _start(run: Run, progress: bool) -> dict[str, Any]:
         _print_data(run)
         print(f"strategy: {run.strategy} on {acc.num_processes} process(es), device {acc.device}, precision {cfg.train.precision} "
               f"({run.precision_reason})")
+        if run.bare_model().pooling == "mean":
+            print("note: model.pooling=mean: the export's reward is read by rewardforge.load, rewardforge serve and the "
+                  "TRL/verl integrations; plain transformers (AutoModelForSequenceClassification) would read the pooled "
+                  "first token instead and give other rewards (rewardforge.json: plain_transformers_reward false)")
         if progress:
             print(f"model: {memory['parameters'] / 1e6:.1f}M parameters ({memory['trainable_parameters'] / 1e6:.1f}M trainable); "
                   f"estimated peak memory per process {memory['total_gib']:.2f} GiB (weights {memory['weights_gib']:.2f}, "

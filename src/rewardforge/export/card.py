@@ -12,6 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+_READ_AT = {"last_token": "the last real token", "pooled": "the pooled first token",
+            "mean": "the mean of the last hidden states over the real tokens"}
+
 CARD_FILE = "README.md"
 EVAL_START, EVAL_END = "<!-- rewardforge eval -->", "<!-- /rewardforge eval -->"
 
@@ -50,7 +53,7 @@ def render_card(meta: Mapping[str, Any], *, name: str, validation: Mapping[str, 
         f"A **{meta['reward_model_type']}** reward model trained with [rewardforge](https://pypi.org/project/rewardforge/)"
         + (f" from `{meta['base_model']}`." if meta.get("base_model") else "."), "",
         "| | |", "|---|---|",
-        f"| reward read at | {'the last real token' if meta['pooling'] == 'last_token' else 'the pooled first token'} ({meta['pooling']}) |",
+        f"| reward read at | {_READ_AT.get(meta['pooling'], meta['pooling'])} ({meta['pooling']}) |",
         f"| outputs | {', '.join(f'{a} (weight {w:g})' for a, w in zip(attrs, weights))} |",
         f"| template | {meta.get('template')}; special tokens written by the chat template: "
         f"{fmt.get('lead') or 'none'} … {fmt.get('trail') or 'none'} |",
@@ -58,6 +61,10 @@ def render_card(meta: Mapping[str, Any], *, name: str, validation: Mapping[str, 
         f"| reward mean / std | {meta.get('reward_mean', 0):.4f} / {meta.get('reward_std', 1):.4f} "
         f"({meta.get('reward_stats_source') or 'no statistics measured'}) |",
     ]
+    if meta.get("plain_transformers_reward") is False:
+        lines.append("| plain transformers | **does not give this model's reward**: `AutoModelForSequenceClassification` reads the "
+                     "pooled first token, this model the mean of the tokens; score it with `rewardforge.load(dir)`, "
+                     "`rewardforge serve` or rewardforge's TRL/verl integrations |")
     ens = meta.get("ensemble")
     if ens:
         lines.append(f"| ensemble | {ens['size']} members on one backbone ({ens.get('bootstrap')} bootstrap); reward = their "

