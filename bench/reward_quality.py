@@ -27,7 +27,11 @@ Variants (rewardforge; each changes one thing from ``defaults``):
   (``train.ema_decay`` 0.99 / 0.995: about the last 100 / 200 of the ~950 steps);
 * ``response_right_linear``: today's defaults with ``data.truncation=response_right``;
 * ``mean_pool``: today's defaults with ``model.pooling=mean`` (the reward read from the mean of the last hidden
-  states over the real tokens, MiniLM's own sentence-embedding pooling, instead of the pooled [CLS]).
+  states over the real tokens, MiniLM's own sentence-embedding pooling, instead of the pooled [CLS]);
+* ``dense_last_layer_linear`` / ``sdpa_linear``: today's defaults with the last layer computed in full
+  (``model.sparse_last_layer=false``) / with transformers' sdpa attention instead of ``rf_eager`` (what
+  ``model.attn_implementation=auto`` picks under bf16_master on CPU): exact fast paths, so they should change
+  nothing beyond bf16 rounding.
 
 The ``plain`` template vs the raw dialogue text is not a training variant: for MiniLM (uncased WordPiece) the
 ``plain`` template's text tokenizes to the raw HH text's token ids exactly, so every run prints
@@ -74,6 +78,8 @@ VARIANTS = {
     "ema995": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "train.ema_decay=0.995"],
     "response_right_linear": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "data.truncation=response_right"],
     "mean_pool": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "model.pooling=mean"],
+    "dense_last_layer_linear": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "model.sparse_last_layer=false"],
+    "sdpa_linear": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "model.attn_implementation=sdpa"],
 }
 # what train_vs_trl's rewardforge worker pins (for a like-for-like speed comparison) that the defaults differ in
 DEFAULT_OVERRIDES = ["train.lr_scheduler=cosine", "train.warmup_ratio=0.03"]
