@@ -167,7 +167,7 @@ def test_malformed_overrides_and_files(tmp_path):
         (["model.name_or_path=[a]"], r"model\.name_or_path expects a string, got \['a'\]"),
         (["model.attribute_weights=[1, x]"], r"model\.attribute_weights expects a number, got 'x'"),
         # choices
-        (["model.pooling=mean"], r"model\.pooling='mean' is not valid; choose one of auto, last_token, pooled"),
+        (["model.pooling=max"], r"model\.pooling='max' is not valid; choose one of auto, last_token, pooled, mean"),
         (["data.truncation=middle"], r"data\.truncation='middle' is not valid; choose one of prompt_left, response_right"),
         (["train.lr_scheduler=step"], r"train\.lr_scheduler='step' is not valid; choose one of cosine, linear, constant"),
         (["train.precision=fp16"], r"train\.precision='fp16' is not valid; choose one of auto, fp32, bf16"),
