@@ -14,6 +14,7 @@ Variants (default ``off,on``: the same run before and after the fix, in one comm
 * ``on``: rewardforge's defaults (``train.malloc_trim_steps=10``, ``train.malloc_trim_growth=0.03``:
   ``malloc_trim(0)`` every 10 steps and after any step that leaves RSS 3% above its value after the last one).
 * ``on-fixed10``: ``train.malloc_trim_growth=0``: every 10 steps only (the default before the growth check).
+* ``on-growth6``: ``train.malloc_trim_growth=0.06``: a looser bound, fewer releases.
 * ``on-every-step``: ``train.malloc_trim_steps=1``.
 * ``off``: ``train.malloc_trim_steps=0``: glibc's malloc as it comes.
 * ``off-arena2``: ``off`` with ``MALLOC_ARENA_MAX=2`` (at most two malloc arenas).
@@ -51,6 +52,7 @@ OFF = ["train.malloc_trim_steps=0"]
 VARIANTS: dict[str, tuple[dict[str, str], list[str], set[str]]] = {
     "on": ({}, [], set()),
     "on-fixed10": ({}, ["train.malloc_trim_growth=0"], set()),
+    "on-growth6": ({}, ["train.malloc_trim_growth=0.06"], set()),
     "on-every-step": ({}, ["train.malloc_trim_steps=1"], set()),
     "off": ({}, OFF, set()),
     "off-arena2": ({"MALLOC_ARENA_MAX": "2"}, OFF, set()),
