@@ -101,7 +101,7 @@ class MemoryReleaser:
     >>> r = MemoryReleaser(steps=10, growth=0.03)
     >>> r.base = 100.0  # MiB just after the last release
     >>> r.due(10, rss=100.0), r.due(11, rss=102.0), r.due(12, rss=104.0)
-    (True, False, True)
+    ('periodic', None, 'growth')
     """
 
     def __init__(self, steps: int, growth: float):
@@ -110,28 +110,30 @@ class MemoryReleaser:
         self.released = 0  # releases so far, periodic and growth-triggered
         self.by_growth = 0  # of which triggered by growth
 
-    def due(self, step: int, rss: float) -> bool:
+    def due(self, step: int, rss: float | None) -> str | None:
+        """Why a release is due after step ``step`` at ``rss`` MiB (``periodic`` or ``growth``), or None."""
         if not self.steps:
-            return False
+            return None
         if step % self.steps == 0:
-            return True
-        if self.growth and self.base is not None and rss > self.base * (1.0 + self.growth):
-            self.by_growth += 1
-            return True
-        return False
+            return "periodic"
+        if self.growth and self.base is not None and rss is not None and rss > self.base * (1.0 + self.growth):
+            return "growth"
+        return None
 
     def after_step(self, step: int) -> bool:
         """Release if due after optimizer step ``step``; True when it did."""
         if not self.steps:
             return False
-        now = rss_mb()
+        now = rss_mb() if self.growth else None  # RSS is read only for the growth check
         if self.base is None:
             self.base = now
-        if not self.due(step, now):
+        why = self.due(step, now)
+        if why is None:
             return False
         release_free_memory()
         self.released += 1
-        self.base = rss_mb()
+        self.by_growth += why == "growth"
+        self.base = rss_mb() if self.growth else None
         return True
 
 
