@@ -449,7 +449,9 @@ def test_clients_that_disconnect_mid_request_are_dropped_and_others_still_answer
         for s in burst:
             s.close()
         wait_for(lambda: metrics.requests.value("/v1/score", "499") == 18)
-        assert server.batcher.inflight == 1
+        # the 499 is counted as each handler gives up; its place in the batcher is freed just after (a race
+        # seen once under load): every one of them must still give it up, leaving only A
+        wait_for(lambda: server.batcher.inflight == 1)
         gate.release.set()
         a.join(30)
         assert [r.status_code for r in results] == [200]
