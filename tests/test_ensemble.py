@@ -191,7 +191,7 @@ def test_export_loads_in_plain_transformers_and_reward_folder_is_the_mean(resume
     meta = json.loads((model_dir / "rewardforge.json").read_text())
     assert meta["ensemble"]["size"] == K and meta["ensemble"]["members"] == ["member_0", "member_1", "member_2"]
     assert meta["single_reward_dir"] == "reward"
-    assert "| ensemble | 3 members on one backbone (poisson bootstrap)" in (model_dir / "README.md").read_text()
+    assert "| ensemble | 3 heads on one backbone (poisson bootstrap)" in (model_dir / "README.md").read_text()
     hf = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     assert hf.config.num_labels == K and hf.config.id2label == {0: "member_0", 1: "member_1", 2: "member_2"}
     head = hf.score.weight

@@ -52,6 +52,7 @@ class ModelConfig:
     trust_remote_code: bool = _f(False, "Allow model code shipped with the checkpoint to run.")
     ensemble_size: int = _f(1, "K reward heads on the one shared backbone (1 = a single model). Each head is trained on its own bootstrap weighting of the examples (model.ensemble_bootstrap); the reward is the mean of the K members, and their standard deviation (the ensemble's disagreement) is served and evaluated as the reward's uncertainty. Exported with num_labels = K x outputs (id2label member_k, or member_k/ATTRIBUTE for regression) and a one-output reward/ folder holding the mean head.")
     ensemble_init: str = _f("independent", "How the ensemble's heads start: independent (each head its own random initialisation, as separately trained models would) or shared (every head starts from the same weights, so the members differ only by their bootstrap weighting; needs model.ensemble_bootstrap=poisson).")
+    ensemble_members: str = _f("heads", "What an ensemble's members are: heads (K linear heads on the one shared backbone; cheap: one forward pass) or lora (K LoRA adapters of rank model.lora_r on the frozen backbone, each with its own head: more diverse members, at K forward passes a step; Zhang et al. 2024). A lora ensemble's export is the base model plus adapters/member_k (peft), which plain transformers cannot merge into one model: rewardforge.load, serve and the integrations read it, and its model card shows how to load one member with peft.")
     ensemble_bootstrap: str = _f("poisson", "How each ensemble head weighs the examples: poisson (an independent Poisson(1) weight per example and head, from train.seed and the example's index, so runs and resumes are exact) or none (every head sees every example with weight 1; heads differ by their initialisation only).")
 
 
@@ -175,6 +176,7 @@ _CHOICES = {
     ("model", "pooling"): ("auto", "last_token", "pooled", "mean"),
     ("model", "ensemble_bootstrap"): ("poisson", "none"),
     ("model", "ensemble_init"): ("independent", "shared"),
+    ("model", "ensemble_members"): ("heads", "lora"),
     ("data", "truncation"): ("prompt_left", "response_right"),
     ("train", "lr_scheduler"): ("cosine", "linear", "constant"),
     ("train", "precision"): ("auto", "fp32", "bf16", "bf16_master"),
@@ -242,6 +244,15 @@ def validate(cfg: Config) -> None:
     if cfg.model.ensemble_size > 1 and cfg.model.ensemble_init == "shared" and cfg.model.ensemble_bootstrap == "none":
         raise ConfigError("model.ensemble_init=shared with model.ensemble_bootstrap=none trains K identical heads; "
                           "choose one: set model.ensemble_bootstrap=poisson or model.ensemble_init=independent")
+    if cfg.model.ensemble_members == "lora":
+        if cfg.model.ensemble_size < 2:
+            raise ConfigError("model.ensemble_members=lora needs an ensemble: set model.ensemble_size=K (K >= 2), "
+                              "or remove model.ensemble_members")
+        if cfg.model.lora_r <= 0:
+            raise ConfigError("model.ensemble_members=lora needs the members' LoRA rank: set model.lora_r (e.g. 8)")
+        if cfg.train.strategy == "fsdp":
+            raise ConfigError("model.ensemble_members=lora is not supported with train.strategy=fsdp; use "
+                              "train.strategy=ddp or model.ensemble_members=heads")
     if len(set(cfg.model.attributes)) != len(cfg.model.attributes):
         raise ConfigError(f"model.attributes has duplicate names: {cfg.model.attributes}")
     if cfg.data.num_proc is not None and cfg.data.num_proc < 0:

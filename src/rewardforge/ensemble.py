@@ -199,19 +199,31 @@ def reduce_predictions(pred: dict, size: int, num_outputs: int) -> dict:
     return {k: member_outputs(v, size).mean(-2) if _is_outputs(v, width) else v for k, v in pred.items()}
 
 
-def metadata(size: int, names: Sequence[str], bootstrap: str) -> dict[str, Any]:
-    """The ``ensemble`` record of ``rewardforge.json``."""
-    return {
+LORA_ADAPTERS_DIR = "adapters"  # a LoRA ensemble's export: adapters/member_k, one peft adapter per member
+
+
+def metadata(size: int, names: Sequence[str], bootstrap: str, members_kind: str = "heads") -> dict[str, Any]:
+    """The ``ensemble`` record of ``rewardforge.json``; ``members_kind`` is ``model.ensemble_members``."""
+    lora = members_kind == "lora"
+    out = {
         "size": size,
         "members": head_labels(names, size) if len(names) == 1 else [f"member_{k}" for k in range(size)],
+        "members_kind": members_kind,
         "layout": "outputs are member-major: column k * N + j is member k's output j (N = len(attributes))",
-        "reward": "mean over members of each member's combined reward (attribute_weights); reward/ holds that mean "
-                  "as one linear head (the mean of the members' heads: exact, the heads are linear)",
+        "reward": "mean over members of each member's combined reward (attribute_weights); " + (
+            "each member is the base model with its own adapter, so no single model holds the mean" if lora else
+            "reward/ holds that mean as one linear head (the mean of the members' heads: exact, the heads are linear)"),
         "uncertainty": "population standard deviation (ddof=0) of the members' combined rewards",
         "uncertainty_penalty": "a server started with --uncertainty-penalty LAMBDA returns reward = mean - LAMBDA * std "
                                "(default 0: the mean); reward_mean/reward_std normalise the mean",
         "bootstrap": bootstrap,
     }
+    if lora:
+        out["adapters_dir"] = LORA_ADAPTERS_DIR
+        out["member_adapters"] = [f"member_{k}" for k in range(size)]
+        out["lora"] = ("member k is this directory's model (the base backbone and every member's head) with the peft "
+                       f"adapter {LORA_ADAPTERS_DIR}/member_k, read at columns k * N .. k * N + N - 1")
+    return out
 
 
 # ------------------------------------------------------------------ scoring

@@ -231,7 +231,7 @@ class ResolvedType:
             return None
         from rewardforge.ensemble import metadata
 
-        return metadata(self.ensemble_size, self.output_names, cfg.model.ensemble_bootstrap)
+        return metadata(self.ensemble_size, self.output_names, cfg.model.ensemble_bootstrap, cfg.model.ensemble_members)
 
     def collator(self, pad_id: int):
         return self.data.collator(pad_id)

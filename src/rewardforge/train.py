@@ -819,6 +819,10 @@ def _start(run: Run, progress: bool) -> dict[str, Any]:
             print("note: model.pooling=mean: the export's reward is read by rewardforge.load, rewardforge serve and the "
                   "TRL/verl integrations; plain transformers (AutoModelForSequenceClassification) would read the pooled "
                   "first token instead and give other rewards (rewardforge.json: plain_transformers_reward false)")
+        if run.bare_model().members:
+            print(f"note: model.ensemble_members=lora: {len(run.bare_model().members)} LoRA members, one backbone forward "
+                  "pass each a step; the export is the base model plus adapters/member_k (peft), read by rewardforge.load, "
+                  "rewardforge serve and the TRL/verl integrations, not by plain transformers alone")
         if progress:
             print(f"model: {memory['parameters'] / 1e6:.1f}M parameters ({memory['trainable_parameters'] / 1e6:.1f}M trainable); "
                   f"estimated peak memory per process {memory['total_gib']:.2f} GiB (weights {memory['weights_gib']:.2f}, "

@@ -61,14 +61,21 @@ def render_card(meta: Mapping[str, Any], *, name: str, validation: Mapping[str, 
         f"| reward mean / std | {meta.get('reward_mean', 0):.4f} / {meta.get('reward_std', 1):.4f} "
         f"({meta.get('reward_stats_source') or 'no statistics measured'}) |",
     ]
-    if meta.get("plain_transformers_reward") is False:
+    ens = meta.get("ensemble")
+    lora = bool(ens) and ens.get("members_kind") == "lora"
+    if lora:
+        lines.append(f"| plain transformers | **does not give this model's reward alone**: it is {ens['size']} LoRA members on one "
+                     f"base model; score it with `rewardforge.load(dir)` or `rewardforge serve`. One member with peft: "
+                     f"`PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(dir), dir/"
+                     f"'{ens.get('adapters_dir', 'adapters')}/member_k')`, its outputs k * N .. k * N + N - 1 |")
+    elif meta.get("plain_transformers_reward") is False:
         lines.append("| plain transformers | **does not give this model's reward**: `AutoModelForSequenceClassification` reads the "
                      "pooled first token, this model the mean of the tokens; score it with `rewardforge.load(dir)`, "
                      "`rewardforge serve` or rewardforge's TRL/verl integrations |")
-    ens = meta.get("ensemble")
     if ens:
-        lines.append(f"| ensemble | {ens['size']} members on one backbone ({ens.get('bootstrap')} bootstrap); reward = their "
-                     "mean, uncertainty = their std; `reward/` holds the mean head (num_labels=1) |")
+        lines.append(f"| ensemble | {ens['size']} {'LoRA adapters' if lora else 'heads'} on one backbone ({ens.get('bootstrap')} "
+                     "bootstrap); reward = their mean, uncertainty = their std"
+                     + ("" if lora else "; `reward/` holds the mean head (num_labels=1)") + " |")
     if validation:
         lines.append("| validation | " + ", ".join(f"{k} {v:.4f}" for k, v in validation.items()
                                                    if isinstance(v, float) and k in ("accuracy", "loss", "mse", "pearson")) + " |")
@@ -86,11 +93,12 @@ def render_card(meta: Mapping[str, Any], *, name: str, validation: Mapping[str, 
         "echo '{\"prompt\": \"How do I boil an egg?\", \"response\": \"Boil it for 9 minutes.\"}' | rewardforge score PATH",
         "rewardforge serve PATH --port 8000   # native /v1/score, OpenRLHF /get_reward, KServe v2 / Triton",
         "```", "",
-        "Plain transformers reads the same reward: `AutoModelForSequenceClassification.from_pretrained(PATH)` on "
-        "`tokenizer.apply_chat_template(messages, tokenize=True)`"
-        + (" (`reward/` holds the one-output model with the attribute weights folded in, for `num_labels=1` loaders)."
-           if len(attrs) > 1 else "."), "",
     ]
+    if meta.get("plain_transformers_reward") is not False:
+        lines += ["Plain transformers reads the same reward: `AutoModelForSequenceClassification.from_pretrained(PATH)` on "
+                  "`tokenizer.apply_chat_template(messages, tokenize=True)`"
+                  + (" (`reward/` holds the one-output model with the attribute weights folded in, for `num_labels=1` loaders)."
+                     if len(attrs) > 1 else "."), ""]
     return "\n".join(lines) + "\n"
 
 

@@ -93,7 +93,13 @@ def write_model_dir(
         hf = merged_hf_model(model)
         hf.config.pad_token_id = tokenizer.pad_token_id
         hf.save_pretrained(tmp, safe_serialization=True)
-        if save_adapter and hasattr(model.model, "peft_config"):
+        if model.members:  # a LoRA ensemble: the base model above, each member's adapter in adapters/member_k
+            from rewardforge.ensemble import LORA_ADAPTERS_DIR
+
+            # the embeddings (resized for a new pad token) are the base model's, saved above, not K copies
+            model.model.save_pretrained(tmp / LORA_ADAPTERS_DIR, safe_serialization=True, save_embedding_layers=False)
+            (tmp / LORA_ADAPTERS_DIR / "README.md").unlink(missing_ok=True)  # peft's empty template card
+        elif save_adapter and hasattr(model.model, "peft_config"):
             # peft saves the adapter weights and modules_to_save, i.e. the trained reward head
             model.model.save_pretrained(tmp / "adapter", safe_serialization=True)
         fault_point("export_write")
@@ -104,7 +110,8 @@ def write_model_dir(
             "reward_model_type": reward_model_type,
             "pooling": model.pooling,
             # False (model.pooling=mean): AutoModelForSequenceClassification reads another token; use rewardforge
-            "plain_transformers_reward": model.pooling in PLAIN_TRANSFORMERS_POOLINGS,
+            # False also for a LoRA ensemble: its members are the base model with adapters (peft), not one model
+            "plain_transformers_reward": model.pooling in PLAIN_TRANSFORMERS_POOLINGS and not model.members,
             "attributes": list(attributes),
             "attribute_weights": list(attribute_weights),
             "max_length": max_length,
@@ -119,7 +126,7 @@ def write_model_dir(
         size = int(ensemble["size"]) if ensemble else 1
         if ensemble:
             meta["ensemble"] = dict(ensemble)
-        if (len(attributes) > 1 or size > 1) and single_reward:
+        if (len(attributes) > 1 or size > 1) and single_reward and not model.members:
             # an ensemble's reward is the mean of its members: weights w / K on every member's outputs
             weights = np.tile(np.asarray(attribute_weights, np.float64) / size, size).tolist()
             meta["single_reward_dir"] = write_single_reward_model(hf, tmp, weights)
@@ -291,8 +298,21 @@ def load_reward_model(model_dir: str | Path, dtype: torch.dtype = torch.float32)
     meta = read_metadata(model_dir)
     tok = AutoTokenizer.from_pretrained(model_dir)
     hf = AutoModelForSequenceClassification.from_pretrained(model_dir, dtype=dtype)
+    ens = meta.get("ensemble") or {}
+    members = list(ens.get("member_adapters") or []) if ens.get("members_kind") == "lora" else []
+    if members:  # a LoRA ensemble: every member's adapter on the one base model (rewardforge.ensemble.metadata)
+        from peft import PeftModel
+
+        where = model_dir / ens.get("adapters_dir", "adapters")
+        absent = [m for m in members if not (where / m / "adapter_config.json").is_file()]
+        if absent:
+            raise ModelError(f"{model_dir} is a LoRA ensemble but {where} lacks the adapters of {', '.join(absent)}; "
+                             "export the run again (rewardforge export CHECKPOINT OUT_DIR)")
+        hf = PeftModel.from_pretrained(hf, where / members[0], adapter_name=members[0])
+        for name in members[1:]:
+            hf.load_adapter(where / name, adapter_name=name)
     hf.eval()
-    return RewardModel(hf, meta["pooling"]), tok, meta
+    return RewardModel(hf, meta["pooling"], members=members), tok, meta
 
 
 def is_model_dir(path: str | Path) -> bool:

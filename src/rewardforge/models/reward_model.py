@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import importlib
 import os
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -175,12 +176,22 @@ class RewardModel(nn.Module):
     ``forward(input_ids, attention_mask)`` returns rewards of shape ``[batch, num_outputs]`` in fp32.
     """
 
-    def __init__(self, model: nn.Module, pooling: str, sparse_last_layer: bool = True):
+    def __init__(self, model: nn.Module, pooling: str, sparse_last_layer: bool = True, members: Sequence[str] = ()):
         super().__init__()
         if pooling not in ("last_token", "pooled", "mean"):
             raise ModelError(f"pooling must be last_token, pooled or mean, got {pooling!r}")
         self.model = model  # a transformers model, or a peft model wrapping one
         self.pooling = pooling
+        # a LoRA ensemble (model.ensemble_members=lora): the peft adapters of the members, member_0 first
+        self.members = tuple(members)
+        if self.members:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._tuner_layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+            missing = [name for name in self.members if name not in getattr(model, "peft_config", {})]
+            if missing or not self._tuner_layers:
+                raise ModelError(f"a LoRA ensemble needs a peft model with the adapters {list(self.members)}; "
+                                 f"missing {missing or 'every LoRA layer'}")
         # The last layer computed only at the reward tokens (rewardforge.models.lastlayer); exact.
         self.last_layer_family = lastlayer.install(self.hf) if sparse_last_layer else None
         self.sparse_last_layer = self.last_layer_family is not None
@@ -212,7 +223,28 @@ class RewardModel(nn.Module):
         For a packed batch (:mod:`rewardforge.data.packing`: ``position_ids``, ``attn_mask_4d`` [B, 1, L, L]
         bool, ``reward_positions`` [B, K], one column per branch) ``[K*B, N]``, branch by branch (for pairs:
         chosen rows first).
+
+        A LoRA ensemble of K members runs the backbone once per member, with that member's adapter, and keeps
+        that member's ``N / K`` columns of the head (member-major, as :mod:`rewardforge.ensemble` lays them out).
         """
+        kw = dict(position_ids=position_ids, reward_positions=reward_positions, attn_mask_4d=attn_mask_4d)
+        if not self.members:
+            return self._forward(input_ids, attention_mask, **kw)
+        n = self.num_outputs // len(self.members)
+        outs = []
+        for k, name in enumerate(self.members):
+            self._activate(name)
+            outs.append(self._forward(input_ids, attention_mask, **kw)[:, k * n : (k + 1) * n])
+        return torch.cat(outs, -1)
+
+    def _activate(self, name: str) -> None:
+        """Make ``name`` the one adapter every LoRA layer applies. This is peft's ``set_adapter`` without its
+        other effect: it would stop gradients to every other member's adapter, which the same step still trains."""
+        for layer in self._tuner_layers:
+            layer._active_adapter = name
+
+    def _forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, position_ids: torch.Tensor | None,
+                 reward_positions: torch.Tensor | None, attn_mask_4d: torch.Tensor | None) -> torch.Tensor:
         if self.pooling in ("pooled", "mean"):
             if attn_mask_4d is not None:
                 raise ModelError("packed (shared-prompt) batches need a decoder backbone (pooling last_token)")
@@ -334,27 +366,42 @@ def build_model(model_cfg, tokenizer, num_outputs: int, labels: list[str] | None
         hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         hf.config.use_cache = False
     model: nn.Module = hf
+    members = lora_members(model_cfg)
     if model_cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
 
         head_name = "score" if hasattr(hf, "score") else "classifier"
-        lora = LoraConfig(
-            r=model_cfg.lora_r,
-            lora_alpha=model_cfg.lora_alpha,
-            lora_dropout=model_cfg.lora_dropout,
-            target_modules=model_cfg.lora_target_modules or None,
-            modules_to_save=[head_name],
-            task_type="SEQ_CLS",
-        )
-        model = get_peft_model(hf, lora)
-    return RewardModel(model, pooling, sparse_last_layer=model_cfg.sparse_last_layer)
+        kind = {"task_type": "SEQ_CLS", "modules_to_save": [head_name]} if not members else {}
+        lora = LoraConfig(r=model_cfg.lora_r, lora_alpha=model_cfg.lora_alpha, lora_dropout=model_cfg.lora_dropout,
+                          target_modules=model_cfg.lora_target_modules or None, **kind)
+        if not members:
+            model = get_peft_model(hf, lora)
+        else:
+            # one adapter per member; the head (K members' columns) stays the base model's own, trained in full
+            model = get_peft_model(hf, lora, adapter_name=members[0])
+            for name in members[1:]:
+                model.add_adapter(name, lora)
+            for pname, p in model.named_parameters():
+                if ".lora_" in pname:  # peft trains only the active adapter; every member trains here
+                    p.requires_grad_(True)
+            (hf.score if hasattr(hf, "score") else hf.classifier).requires_grad_(True)
+    return RewardModel(model, pooling, sparse_last_layer=model_cfg.sparse_last_layer, members=members)
+
+
+def lora_members(model_cfg) -> list[str]:
+    """The adapter names of a LoRA ensemble (``model.ensemble_members=lora``): ``member_0`` .. ``member_{K-1}``,
+    the names :func:`rewardforge.ensemble.head_labels` gives the members; empty for any other model."""
+    if getattr(model_cfg, "ensemble_members", "heads") != "lora":
+        return []
+    return [f"member_{k}" for k in range(model_cfg.ensemble_size)]
 
 
 def merged_hf_model(model: RewardModel) -> nn.Module:
-    """A plain transformers model with any LoRA adapters merged in (for export)."""
+    """A plain transformers model with any LoRA adapters merged in (for export). A LoRA ensemble's members
+    cannot merge into one model: it gives the base model with the K members' head, without any adapter."""
     m = model.model
     if hasattr(m, "peft_config"):
         import copy
 
-        return copy.deepcopy(m).merge_and_unload()
+        return copy.deepcopy(m).unload() if model.members else copy.deepcopy(m).merge_and_unload()
     return m
