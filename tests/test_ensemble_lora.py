@@ -182,3 +182,19 @@ def test_bad_lora_ensemble_settings_are_one_line_errors():
                          (["model.ensemble_members=adapters"], "model.ensemble_members='adapters' is not valid; choose one of heads, lora")):
         with pytest.raises(ConfigError, match=match):
             load_config(None, ["model.name_or_path=x", *(["model.ensemble_members=lora"] if "adapters" not in extra[-1] else []), *extra])
+
+
+def test_the_memory_estimate_counts_one_backbone_pass_per_lora_member(tiny_model):
+    from rewardforge.models.reward_model import load_tokenizer
+    from rewardforge.registry import resolve_type
+    from rewardforge.training.memory import estimate_memory
+
+    path = tiny_model("qwen2")
+    est = {}
+    for members in ("heads", "lora"):
+        cfg = load_config(None, [f"model.name_or_path={path}", "model.ensemble_size=3", f"model.ensemble_members={members}",
+                                 "model.lora_r=4", "train.precision=fp32"])
+        est[members] = estimate_memory(resolve_type(cfg).build_model(cfg, load_tokenizer(str(path))), cfg, 64)
+    assert est["lora"]["activations_gib"] == pytest.approx(3 * est["heads"]["activations_gib"])
+    # K adapters and the head against one shared adapter and the head
+    assert est["lora"]["trainable_parameters"] > est["heads"]["trainable_parameters"]

@@ -144,7 +144,8 @@ def estimate_memory(model, cfg: Config, max_tokens: int, shards: int = 1) -> dic
     param), divided by ``shards`` under FSDP (plus one gathered block at a time),
     + activations of one micro-batch of 2 x batch_size sequences of ``max_tokens``, per layer
     ``s*b*h*(34 + 5*a*s/h)`` bytes at 16 bits (Korthikanti et al. 2022), doubled in fp32, and only
-    ~2 layers' worth with gradient checkpointing.
+    ~2 layers' worth with gradient checkpointing; times K for a LoRA ensemble of K members (one backbone pass
+    each, all kept for the backward pass).
     """
     hf = getattr(model, "hf", model)
     c = hf.config.get_text_config() if hasattr(hf.config, "get_text_config") else hf.config
@@ -155,7 +156,7 @@ def estimate_memory(model, cfg: Config, max_tokens: int, shards: int = 1) -> dic
     precision = effective_precision(cfg)
     half = precision in ("bf16", "bf16_master")
     per_layer = s_len * b * h * (34 + 5 * heads * s_len / h) * (1 if half else 2)
-    act = per_layer * (2 if cfg.model.gradient_checkpointing else layers)
+    act = per_layer * (2 if cfg.model.gradient_checkpointing else layers) * max(len(getattr(model, "members", ())), 1)
     gib = 1024**3
     gathered = 2 * 4 * total / max(layers, 1) if shards > 1 else 0.0  # a block's full weights and grads
     out = {"parameters": total, "trainable_parameters": trainable, "shards": shards,
