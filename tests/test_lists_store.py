@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import rated_rows as conftest_rated
 from conftest import write_jsonl
 from safetensors.torch import load_file
 
@@ -144,3 +145,60 @@ def test_a_listwise_run_exports_bitwise_the_same_weights_with_the_cache_cold_and
     a, b = weights["cold"], weights["warm"]
     assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].view(-1).equal(b[k].view(-1)) for k in a)
     assert sum(p.name.startswith("lists-") for p in (tmp_path / "cache").iterdir()) == 2  # train and validation
+
+
+def _mixed_rows(tag: str, n: int, seed: int) -> list:
+    """List rows with every kind of drop, spread so that chunks of a few lists split them: repeated lists (one far
+    back), ties, one-response lists, repeated responses, responses alike once truncated, and bad rows."""
+    long = "paris is the capital of france and a large city. " * 6
+    rows: list = []
+    for i, r in enumerate(generate_lists(n, seed=seed, k=4)):
+        r["id"] = f"{tag}{i}"
+        kind = i % 7
+        if kind == 1:
+            r = {"prompt": r["prompt"], "responses": [long + "good", long + "bad", "c"], "scores": [2, 1, 0], "id": r["id"]}
+        elif kind == 2:
+            r["scores"] = [1, 1, 1, 1]
+        elif kind == 3:
+            r["responses"][1] = r["responses"][0]
+        elif kind == 4:
+            r = {"prompt": r["prompt"], "responses": r["responses"], "ranking": [2, [0, 3], 1], "id": r["id"]}
+        rows.append(r)
+        if i % 5 == 0:
+            rows.append(dict(r))  # a repeated list, right after
+        if i % 11 == 10:
+            rows += ["{not json", {"prompt": "q", "responses": ["only"], "scores": [1]}]
+    return rows + [dict(rows[0])]  # and the first again, chunks later
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_cold_build_gives_the_same_lists_and_report_for_any_chunk_size(list_tok, tmp_path, monkeypatch, grouped):
+    # the build streams LIST_BATCH lists at a time; one list per chunk, a few, and all in one must agree exactly
+    if grouped:
+        rows = conftest_rated(160)  # grouped by prompt: lists of 1-5 responses, some all tied
+        rows[7]["labels"] = {"safety": 1.0}  # a response without a score
+        data = [write_jsonl(tmp_path / "a.jsonl", rows), write_jsonl(tmp_path / "b.jsonl", conftest_rated(30, seed=1))]
+        extra = ["data.group_by=prompt", "data.score_label=helpfulness"]
+    else:
+        data = [write_jsonl(tmp_path / "a.jsonl", _mixed_rows("a", 40, seed=1)),
+                write_jsonl(tmp_path / "b.jsonl", _mixed_rows("b", 25, seed=2))]
+        extra = ["data.skip_bad_rows=true"]
+    cfg = load_config(None, ["model.name_or_path=x", "model.reward_model_type=listwise", "data.cache_dir=none",
+                             f"data.train=[{', '.join(str(p) for p in data)}]", "data.max_length=24",
+                             "data.truncation=response_right", *extra])
+    got = {}
+    for batch in (1, 3, 4096):
+        monkeypatch.setattr(lists_mod, "LIST_BATCH", batch)
+        ds, report = build_list_dataset(cfg, list_tok, cfg.data.train)
+        got[batch] = (_items(ds), {k: v for k, v in report.as_dict().items() if k != "seconds"})
+    items, report = got[4096]
+    assert got[1] == got[3] == got[4096]
+    assert len(items) == report["examples"] == sum(r["examples"] for r in report["per_source"]) > 3
+    assert [r["examples"] for r in report["per_source"]] == [sum(it[2] == k for it in items) for k in (0, 1)]
+    assert report["truncation"]["sequences"] > 0
+    if grouped:
+        assert report["excluded"]["responses_without_score"] == 1 and report["rows_read"] == 190
+    else:
+        assert set(report["excluded"]) == {"duplicate_responses", "lists_under_2_responses", "lists_all_tied",
+                                           "duplicate_lists", "identical_after_truncation"}
+        assert report["skipped_bad_rows"] == 5 and report["excluded"]["duplicate_lists"] == 14

@@ -37,6 +37,7 @@ pass::
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from dataclasses import dataclass, field
@@ -351,6 +352,13 @@ def build_list_dataset(cfg, tokenizer, sources: list):
     ``data.arrow`` and ``report.json``, renamed into place when complete; keyed by the data, each entry's ``max_rows``,
     tokenizer and settings; ``data.cache_dir=none`` disables it: the file is then a scratch one, deleted once mapped).
 
+    A cold build streams, so its memory does not grow with the data: lists are parsed as the rows are read and
+    rendered, deduplicated, tokenized and written in chunks of :data:`LIST_BATCH` lists, each chunk freed once written
+    (the file's record batches hold :data:`LIST_BATCH` kept lists each, as if all were written at once). What stays
+    per list is a 16-byte digest of its texts and scores for ``data.drop_duplicates``. With ``data.group_by`` an
+    entry's rows are held, grouped, until the entry is read (a group may take its last row from the entry's last
+    row); the entry's lists then stream as the others do. The dataset and report are the same for any chunk size.
+
     Returns:
         ``(dataset, DataReport)``; the dataset's token ids are memory-mapped from its Arrow file.
     """
@@ -368,19 +376,26 @@ def build_list_dataset(cfg, tokenizer, sources: list):
         built[1].seconds = time.perf_counter() - t0
         return built
 
+    from rewardforge.data.tokenize import TruncationStats
+
     report = DataReport(sources=[f for e in entries for f in e.files], per_source=_entry_records(entries))
     parse_report = ParseReport()
-    lists, list_sources = _read_lists(entries, d, report, parse_report, progress_bar)
-    tokenized = _tokenized(lists, list_sources, tokenizer, d, report, progress_bar)
-    del lists
-    for k, n in enumerate(np.bincount(tokenized.sources, minlength=len(entries)).tolist()):
-        report.per_source[k]["examples"] = n
-    report.rows_read = parse_report.rows_read
-    report.formats = dict(parse_report.formats)
-    report.skipped_bad_rows = sum(parse_report.skipped.values())
-    report.bad_row_messages = parse_report.examples
-    report.examples = len(tokenized.sizes)
-    ds = _write(cache_path, tokenized, report)
+    stats = TruncationStats()
+
+    def complete(examples: list[int]) -> None:  # after the last list, before the report is written beside the file
+        for k, n in enumerate(examples):
+            report.per_source[k]["examples"] = n
+        report.rows_read = parse_report.rows_read
+        report.formats = dict(parse_report.formats)
+        report.skipped_bad_rows = sum(parse_report.skipped.values())
+        report.bad_row_messages = parse_report.examples
+        report.examples = sum(examples)
+        report.truncation = stats.as_dict()
+
+    with progress_bar(None, "data: read", "rows") as read_bar, progress_bar(None, "data: write", "lists") as write_bar:
+        lists = _read_lists(entries, d, report, parse_report, read_bar)
+        chunks = _tokenized(lists, tokenizer, d, report, stats)
+        ds = _write(cache_path, chunks, len(entries), report, complete, write_bar)
     report.seconds = time.perf_counter() - t0
     return ds, report
 
@@ -398,18 +413,14 @@ def _list_cache_path(d, entries: list, tokenizer) -> Path:
     return Path(d.cache_dir or default_cache_dir()) / f"lists-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
 
 
-def _read_lists(entries: list, d, report, parse_report: ParseReport, bar_of) -> tuple[list[ResponseList], list[int]]:
-    """Every entry's lists, entry after entry (``data.group_by`` groups within an entry), and each list's entry."""
-    lists: list[ResponseList] = []
-    sources: list[int] = []
-    with bar_of(None, "data: read", "rows") as bar:
-        for k, entry in enumerate(entries):
-            got = list(parse_lists(_counted(entry.rows(d.split), report.per_source[k], bar), group_by=d.group_by,
-                                   score_label=d.score_label, skip_bad_rows=d.skip_bad_rows, field_map=dict(d.field_map),
-                                   report=parse_report, excluded=report.excluded))
-            lists += got
-            sources += [k] * len(got)
-    return lists, sources
+def _read_lists(entries: list, d, report, parse_report: ParseReport, bar) -> Iterator[tuple[ResponseList, int]]:
+    """Every entry's lists with the entry's index, entry after entry, parsed as the rows are read (``data.group_by``
+    groups within an entry: its lists come once the entry is read)."""
+    for k, entry in enumerate(entries):
+        for lst in parse_lists(_counted(entry.rows(d.split), report.per_source[k], bar), group_by=d.group_by,
+                               score_label=d.score_label, skip_bad_rows=d.skip_bad_rows, field_map=dict(d.field_map),
+                               report=parse_report, excluded=report.excluded):
+            yield lst, k
 
 
 def _counted(rows: Iterable[Row], record: dict, bar) -> Iterator[Row]:
@@ -422,7 +433,7 @@ def _counted(rows: Iterable[Row], record: dict, bar) -> Iterator[Row]:
 
 @dataclass
 class _Tokenized:
-    """The kept lists of a build before they are written: token ids and scores per response, the rest per list."""
+    """Kept lists before they are written: token ids and scores per response, the rest per list."""
 
     ids: list = field(default_factory=list)  # int32 arrays, list after list
     scores: list = field(default_factory=list)
@@ -431,62 +442,88 @@ class _Tokenized:
     extras: list = field(default_factory=list)  # JSON
     sources: list = field(default_factory=list)
 
+    def extend(self, other: "_Tokenized") -> None:
+        for name in ("ids", "scores", "sizes", "keys", "extras", "sources"):
+            getattr(self, name).extend(getattr(other, name))
 
-def _tokenized(lists: list[ResponseList], list_sources: list[int], tokenizer, d, report, bar_of) -> _Tokenized:
-    """Render, deduplicate and tokenize the lists; what is dropped is counted in ``report``."""
+    def split(self, n: int) -> tuple["_Tokenized", "_Tokenized"]:
+        """(the first ``n`` lists, the rest)."""
+        r = sum(self.sizes[:n])
+        return (_Tokenized(self.ids[:r], self.scores[:r], self.sizes[:n], self.keys[:n], self.extras[:n], self.sources[:n]),
+                _Tokenized(self.ids[r:], self.scores[r:], self.sizes[n:], self.keys[n:], self.extras[n:], self.sources[n:]))
+
+
+def _signature(texts: list[str], scores: list[float]) -> bytes:
+    """A 16-byte digest of a list's rendered texts and scores: what ``data.drop_duplicates`` remembers of a list
+    (equal texts and scores, equal digests; a collision is as likely as 2^-64 among 2^32 lists)."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in texts:
+        b = t.encode("utf-8", "surrogatepass")
+        h.update(len(b).to_bytes(8, "little"))
+        h.update(b)
+    h.update((np.asarray(scores, np.float64) + 0.0).tobytes())  # (+ 0.0: -0.0 becomes 0.0; they compare equal)
+    return h.digest()
+
+
+def _tokenized(lists: Iterable[tuple[ResponseList, int]], tokenizer, d, report, stats) -> Iterator[_Tokenized]:
+    """Render, deduplicate and tokenize the lists, :data:`LIST_BATCH` of them at a time (the kept ones of each chunk);
+    what is dropped is counted in ``report``, truncation in ``stats``."""
     from rewardforge.data.datasets import json_safe, prompt_key
     from rewardforge.data.inputs import InputFormat
     from rewardforge.data.template import TextRenderer
-    from rewardforge.data.tokenize import TruncationStats
+    from rewardforge.data.tokenize import tokenize_texts
 
     renderer = TextRenderer(tokenizer)
-    texts, starts, scores, sizes, keys, extras, srcs = [], [], [], [], [], [], []
-    seen: set = set()
-    for lst, src in _iter_bar(list(zip(lists, list_sources)), "data: render", "lists", bar_of):
-        t_list, s_list, sc_list = [], [], []
-        for resp, score in zip(lst.responses, lst.scores):
-            t, s = renderer.render(lst.prompt, resp, lst.where)
-            if t in t_list:
-                report.exclude("duplicate_responses")
+    ends = InputFormat.of(tokenizer).ends
+    seen: set[bytes] = set()
+    lists = iter(lists)
+    while chunk := list(itertools.islice(lists, LIST_BATCH)):
+        texts, starts, scores, sizes, keys, extras, srcs = [], [], [], [], [], [], []
+        for lst, src in chunk:
+            t_list, s_list, sc_list = [], [], []
+            for resp, score in zip(lst.responses, lst.scores):
+                t, s = renderer.render(lst.prompt, resp, lst.where)
+                if t in t_list:
+                    report.exclude("duplicate_responses")
+                    continue
+                t_list.append(t), s_list.append(s), sc_list.append(score)
+            if not _usable(sc_list, report):
                 continue
-            t_list.append(t), s_list.append(s), sc_list.append(score)
-        if not _usable(sc_list, report):
-            continue
-        if d.drop_duplicates:
-            sig = (tuple(t_list), tuple(sc_list))
-            if sig in seen:
-                report.exclude("duplicate_lists")
+            if d.drop_duplicates:
+                sig = _signature(t_list, sc_list)
+                if sig in seen:
+                    report.exclude("duplicate_lists")
+                    continue
+                seen.add(sig)
+            texts += t_list
+            starts += s_list
+            scores.append(sc_list)
+            sizes.append(len(t_list))
+            keys.append(prompt_key(t_list[0][: s_list[0]] if s_list[0] else t_list[0]))
+            extras.append(json_safe(lst.extra))
+            srcs.append(src)
+        del chunk
+        # a list's responses side by side: their shared prompt is tokenized once where that is exact; per text, so
+        # chunks give the ids one call would
+        ids = tokenize_texts(tokenizer, texts, starts, d.max_length, d.truncation, stats, ends=ends)[0]
+        out = _Tokenized()
+        pos = 0
+        for sc_list, k, key, extra, src in zip(scores, sizes, keys, extras, srcs):
+            kept_ids: list[np.ndarray] = []
+            kept_sc: list[float] = []
+            for x, s in zip(ids[pos : pos + k], sc_list):
+                if any(len(x) == len(y) and np.array_equal(x, y) for y in kept_ids):
+                    report.exclude("identical_after_truncation")
+                    continue
+                kept_ids.append(x), kept_sc.append(s)
+            pos += k
+            if not _usable(kept_sc, report):
                 continue
-            seen.add(sig)
-        texts += t_list
-        starts += s_list
-        scores.append(sc_list)
-        sizes.append(len(t_list))
-        keys.append(prompt_key(t_list[0][: s_list[0]] if s_list[0] else t_list[0]))
-        extras.append(json_safe(lst.extra))
-        srcs.append(src)
-    stats = TruncationStats()
-    # a list's responses side by side: their shared prompt is tokenized once where that is exact
-    ids = _tokenize_with_bar(tokenizer, texts, starts, d.max_length, d.truncation, stats, InputFormat.of(tokenizer).ends, bar_of)
-    out = _Tokenized()
-    pos = 0
-    for sc_list, k, key, extra, src in zip(scores, sizes, keys, extras, srcs):
-        kept_ids: list[np.ndarray] = []
-        kept_sc: list[float] = []
-        for x, s in zip(ids[pos : pos + k], sc_list):
-            if any(len(x) == len(y) and np.array_equal(x, y) for y in kept_ids):
-                report.exclude("identical_after_truncation")
-                continue
-            kept_ids.append(x), kept_sc.append(s)
-        pos += k
-        if not _usable(kept_sc, report):
-            continue
-        out.ids += kept_ids
-        out.scores += kept_sc
-        out.sizes.append(len(kept_ids))
-        out.keys.append(key), out.extras.append(json.dumps(extra)), out.sources.append(src)
-    report.truncation = stats.as_dict()
-    return out
+            out.ids += kept_ids
+            out.scores += kept_sc
+            out.sizes.append(len(kept_ids))
+            out.keys.append(key), out.extras.append(json.dumps(extra)), out.sources.append(src)
+        yield out
 
 
 def _usable(scores: list[float], report) -> bool:
@@ -500,52 +537,45 @@ def _usable(scores: list[float], report) -> bool:
     return True
 
 
-def _write(path: Path | None, lists: _Tokenized, report) -> ListDataset:
-    """Write the lists to an Arrow file in record batches of :data:`LIST_BATCH` lists (the cache entry ``path``, or a
-    scratch file when the cache is off) and return the dataset mapped from it, as pairs are."""
-    import pyarrow as pa
-
+def _write(path: Path | None, chunks: Iterable[_Tokenized], n_entries: int, report, complete, bar) -> ListDataset:
+    """Write the chunks' lists to an Arrow file in record batches of :data:`LIST_BATCH` lists (the cache entry ``path``,
+    or a scratch file when the cache is off), each batch as soon as it is full, and return the dataset mapped from it,
+    as pairs are. ``complete(examples)`` (the lists kept per entry) finishes ``report`` before it is written beside."""
     from rewardforge.data.datasets import build_target
-    from rewardforge.data.store import TableWriter, list_array, open_table, plain_array, text_array, token_array
+    from rewardforge.data.store import TableWriter, open_table
 
-    sizes = np.asarray(lists.sizes, np.int64)
-    lengths = np.array([len(x) for x in lists.ids], np.int64)
-    values = np.concatenate(lists.ids).astype(np.int32, copy=False) if lists.ids else np.zeros(0, np.int32)
-    lists.ids = []  # (the arrays are in `values` now)
-    scores, sources = np.asarray(lists.scores, np.float32), np.asarray(lists.sources, np.int32)
-    rows = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)  # each list's first response
-    tokens = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)  # each response's first token
     schema = list_schema()
+    examples = [0] * n_entries
     with build_target(path) as target:
         with TableWriter(target, schema) as writer:
-            for a in range(0, len(sizes), LIST_BATCH):
-                b = min(a + LIST_BATCH, len(sizes))
-                r0, r1 = int(rows[a]), int(rows[b])
-                writer.write(pa.record_batch([
-                    list_array(token_array(values[tokens[r0] : tokens[r1]], lengths[r0:r1]), sizes[a:b]),
-                    list_array(plain_array(scores[r0:r1], pa.float32()), sizes[a:b]),
-                    text_array(lists.keys[a:b]), text_array(lists.extras[a:b]), plain_array(sources[a:b], pa.int32()),
-                ], schema=schema))
+            pending = _Tokenized()
+            for chunk in chunks:
+                for src in chunk.sources:
+                    examples[src] += 1
+                pending.extend(chunk)
+                while len(pending.sizes) >= LIST_BATCH:
+                    full, pending = pending.split(LIST_BATCH)
+                    writer.write(_record_batch(full, schema))
+                    bar.update(len(full.sizes))
+            writer.write(_record_batch(pending, schema))
+            bar.update(len(pending.sizes))
+            complete(examples)
             writer.finish({"kind": "lists", "report": report.as_dict()})
         table, meta = open_table(target)
         return ListDataset.from_table(table, meta)
 
 
-def _iter_bar(items: list, desc: str, unit: str, bar_of):
-    with bar_of(len(items), desc, unit) as bar:
-        for it in items:
-            yield it
-            bar.update(1)
+def _record_batch(lists: _Tokenized, schema):
+    """One record batch of :func:`list_schema` holding ``lists``."""
+    import pyarrow as pa
 
+    from rewardforge.data.store import list_array, plain_array, text_array, token_array
 
-def _tokenize_with_bar(tokenizer, texts, starts, max_length, truncation, stats, ends, bar_of, chunk: int = 8192) -> list:
-    """``tokenize_texts`` in chunks (the same ids: tokenization is per text), with a bar over the sequences."""
-    from rewardforge.data.tokenize import tokenize_texts
-
-    out: list = []
-    with bar_of(len(texts), "data: tokenize", "seq") as bar:
-        for s in range(0, len(texts), chunk):
-            out += tokenize_texts(tokenizer, texts[s : s + chunk], starts[s : s + chunk], max_length, truncation, stats,
-                                  ends=ends)[0]
-            bar.update(min(chunk, len(texts) - s))
-    return out
+    sizes = np.asarray(lists.sizes, np.int64)
+    lengths = np.array([len(x) for x in lists.ids], np.int64)
+    values = np.concatenate(lists.ids).astype(np.int32, copy=False) if lists.ids else np.zeros(0, np.int32)
+    return pa.record_batch([
+        list_array(token_array(values, lengths), sizes),
+        list_array(plain_array(np.asarray(lists.scores, np.float32), pa.float32()), sizes),
+        text_array(lists.keys), text_array(lists.extras), plain_array(np.asarray(lists.sources, np.int32), pa.int32()),
+    ], schema=schema)
