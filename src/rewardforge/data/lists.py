@@ -356,8 +356,8 @@ def build_list_dataset(cfg, tokenizer, sources: list):
     rendered, deduplicated, tokenized and written in chunks of :data:`LIST_BATCH` lists, each chunk freed once written
     (the file's record batches hold :data:`LIST_BATCH` kept lists each, as if all were written at once). What stays
     per list is a 16-byte digest of its texts and scores for ``data.drop_duplicates``. With ``data.group_by`` an
-    entry's rows are held, grouped, until the entry is read (a group may take its last row from the entry's last
-    row); the entry's lists then stream as the others do. The dataset and report are the same for any chunk size.
+    entry's rows are held, grouped, until the whole entry is read (any of its rows may join a group); its lists then
+    stream as the others do. The dataset and report are the same for any chunk size.
 
     Returns:
         ``(dataset, DataReport)``; the dataset's token ids are memory-mapped from its Arrow file.
