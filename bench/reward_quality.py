@@ -31,7 +31,9 @@ Variants (rewardforge; each changes one thing from ``defaults``):
 * ``dense_last_layer_linear`` / ``sdpa_linear``: today's defaults with the last layer computed in full
   (``model.sparse_last_layer=false``) / with transformers' sdpa attention instead of ``rf_eager`` (what
   ``model.attn_implementation=auto`` picks under bf16_master on CPU): exact fast paths, so they should change
-  nothing beyond bf16 rounding.
+  nothing beyond bf16 rounding;
+* ``ensemble5``: today's defaults with ``model.ensemble_size=5`` (five bootstrap-weighted heads on the one backbone,
+  the reward their mean): an opt-in setting, not a default, measured because it costs ~1.1x the time.
 
 The ``plain`` template vs the raw dialogue text is not a training variant: for MiniLM (uncased WordPiece) the
 ``plain`` template's text tokenizes to the raw HH text's token ids exactly, so every run prints
@@ -80,6 +82,8 @@ VARIANTS = {
     "mean_pool": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "model.pooling=mean"],
     "dense_last_layer_linear": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "model.sparse_last_layer=false"],
     "sdpa_linear": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "model.attn_implementation=sdpa"],
+    # opt-in, not a default: 5 heads on the one backbone (model.ensemble_size), scored by the members' mean
+    "ensemble5": ["train.lr_scheduler=linear", "train.warmup_ratio=0.0", "model.ensemble_size=5"],
 }
 # what train_vs_trl's rewardforge worker pins (for a like-for-like speed comparison) that the defaults differ in
 DEFAULT_OVERRIDES = ["train.lr_scheduler=cosine", "train.warmup_ratio=0.03"]
