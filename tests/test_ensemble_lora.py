@@ -198,3 +198,17 @@ def test_the_memory_estimate_counts_one_backbone_pass_per_lora_member(tiny_model
     assert est["lora"]["activations_gib"] == pytest.approx(3 * est["heads"]["activations_gib"])
     # K adapters and the head against one shared adapter and the head
     assert est["lora"]["trainable_parameters"] > est["heads"]["trainable_parameters"]
+
+
+def test_eval_reports_the_lora_members_disagreement(lora_runs, tmp_path):
+    from rewardforge.eval.runner import evaluate_model
+
+    root, _, _, _ = lora_runs
+    data = write_jsonl(tmp_path / "eval.jsonl", synthetic_pairs(30, seed=3))
+    result = evaluate_model([str(root / "a/model")], [str(data)], tmp_path / "report", progress=False)
+    ds = next(iter(next(iter(result["results"].values()))["datasets"].values()))
+    e = ds["ensemble"]
+    assert e["pairs"] == 30 and sum(b["n"] for b in e["uncertainty_bins"]) == 30
+    assert len(e["member_accuracy"]) == K and e["accuracy"] == pytest.approx(ds["overall"]["accuracy"])
+    scores = rewardforge.load(root / "a/model").score_detailed(PROMPTS, RESPONSES)
+    assert np.all(scores.std > 0)  # the report's std is that of members that differ

@@ -90,16 +90,19 @@ def test_list_losses_weigh_each_list_by_its_example_weight():
     assert listwise_bradley_terry_loss(r, y, m, weight=torch.tensor([0.0, 1.0], dtype=torch.float64)).item() == pytest.approx(ls(-0.5))
 
 
-def test_a_listwise_ensemble_trains_and_scores_with_mean_and_members(tiny_model, list_files, tmp_path):
+@pytest.mark.parametrize("members", [[], ["model.ensemble_members=lora", "model.lora_r=4", "train.learning_rate=1e-2"]],
+                         ids=["heads", "lora"])
+def test_a_listwise_ensemble_trains_and_scores_with_mean_and_members(tiny_model, list_files, tmp_path, members):
     train, val = list_files
     cfg = load_config(None, [f"model.name_or_path={tiny_model('llama')}", "model.reward_model_type=listwise",
                              "model.ensemble_size=3", f"data.train=[{train}]", f"data.validation=[{val}]",
                              "train.max_steps=3", "train.batch_size=2", "data.cache_dir=none", "train.precision=fp32",
-                             f"output_dir={tmp_path / 'ens'}"])
+                             f"output_dir={tmp_path / 'ens'}", *members])
     summary = run_training(cfg, progress=False)
     assert "ensemble" in summary["final_validation"]
     s = rewardforge.load(tmp_path / "ens" / "model").score_detailed(["Hi"], ["Hello there"])
     assert s.members.shape == (1, 3) and s.mean[0] == pytest.approx(s.members[0].mean(), abs=1e-5)
+    assert s.std[0] > 0  # the members differ
 
 
 def test_rows_of_several_lists_in_any_order_give_the_same_loss_and_finite_gradients():
