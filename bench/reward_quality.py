@@ -45,7 +45,8 @@ is used only under bf16_master; neither is re-measured here.)
 Every model is then scored on **all** validation pairs by one scorer (``RewardScorer.score_rendered``,
 ``prompt_left`` truncation to max_length, each model on the text format it was trained on). Printed: each
 accuracy with its 95% Wilson interval, the mean and spread over seeds, an exact McNemar test of each
-rewardforge variant against TRL on the same pairs and seed, and the "pick the longer response" baseline
+rewardforge variant against TRL on the same pairs and seed, a paired test over all the seeds both ran
+(:func:`pooled_vs_trl`), and the "pick the longer response" baseline
 (characters of the final assistant turn; ties count one half) on the same pairs.
 """
 
@@ -180,6 +181,27 @@ def accuracy(margin: np.ndarray) -> float:
     return float(win_rate(np.asarray(margin))) if len(margin) else 0.0
 
 
+def pooled_vs_trl(margins: dict[str, np.ndarray], models: dict[str, dict], variant: str, permutations: int = 20_000):
+    """A paired test of ``variant`` against TRL over every seed both ran: on each validation pair, each model's
+    correctness averaged over the seeds (a tie of the margin counts 1/2, as ``accuracy`` does), then the mean
+    difference over the pairs with a 95% normal interval and a two-sided sign-flip permutation test (the pairs are
+    the sampling unit; the seeds only average out training noise). None with fewer than two such seeds."""
+    seeds = sorted(m["seed"] for tag, m in models.items() if m["variant"] == variant and f"trl_s{m['seed']}" in margins)
+    if len(seeds) < 2:
+        return None
+
+    def correct(d: np.ndarray) -> np.ndarray:
+        return np.where(d > 0, 1.0, np.where(d == 0, 0.5, 0.0))
+
+    d = (np.mean([correct(margins[f"{variant}_s{s}"]) for s in seeds], 0)
+         - np.mean([correct(margins[f"trl_s{s}"]) for s in seeds], 0))
+    signs = np.random.default_rng(0).choice([-1.0, 1.0], size=(permutations, len(d)))
+    p = float((np.sum(np.abs(signs @ d) >= abs(d.sum()) - 1e-9) + 1) / (permutations + 1))
+    se = float(d.std(ddof=1) / np.sqrt(len(d)))
+    return {"seeds": seeds, "difference": float(d.mean()), "ci95": [float(d.mean() - 1.96 * se), float(d.mean() + 1.96 * se)],
+            "permutation_p": p, "pairs": int(len(d))}
+
+
 def length_baseline(val_rows: list[dict]) -> np.ndarray:
     """+1 where the chosen final turn is longer, -1 where shorter, 0 on a tie (characters)."""
     d = []
@@ -308,12 +330,21 @@ def main(argv=None) -> int:
     for v in sorted({m["variant"] for m in models.values()}):
         accs = [r["accuracy"] for r in table if r["variant"] == v]
         lines.append(f"  {v:22} {np.mean(accs):.4f} (spread {max(accs) - min(accs):.4f}, {len(accs)} seed(s))")
+    pooled = {v: pooled_vs_trl(margins, models, v) for v in sorted({m["variant"] for m in models.values() if m["kind"] == "rf"})}
+    pooled = {v: r for v, r in pooled.items() if r is not None}
+    if pooled:
+        lines.append("")
+        lines.append("against TRL over the seeds both ran (per pair: correctness averaged over seeds; mean difference, "
+                     "95% interval, sign-flip permutation test over the pairs):")
+        for v, r in pooled.items():
+            lines.append(f"  {v:22} seeds {r['seeds']}: {r['difference']:+.4f} [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}], "
+                         f"p {r['permutation_p']:.3f}")
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "train_pairs": len(train_rows), "val_pairs": n, "identical_skipped": identical,
-                               "length_baseline": lb, "rows": table, "runs": runs, "table": text,
+                               "length_baseline": lb, "rows": table, "pooled_vs_trl": pooled, "runs": runs, "table": text,
                                "wall_s": time.perf_counter() - t0}, indent=1, default=str) + "\n")
     print(f"results: {out} ({time.perf_counter() - t0:.0f} s)")
     return 0
