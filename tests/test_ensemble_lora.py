@@ -212,3 +212,15 @@ def test_eval_reports_the_lora_members_disagreement(lora_runs, tmp_path):
     assert len(e["member_accuracy"]) == K and e["accuracy"] == pytest.approx(ds["overall"]["accuracy"])
     scores = rewardforge.load(root / "a/model").score_detailed(PROMPTS, RESPONSES)
     assert np.all(scores.std > 0)  # the report's std is that of members that differ
+
+
+def test_rewardforge_export_of_a_checkpoint_gives_the_runs_own_export(lora_runs, tmp_path):
+    from rewardforge.cli import main as cli_main
+
+    root, _, _, _ = lora_runs
+    assert cli_main(["export", str(root / "a/checkpoints/step-6"), str(tmp_path / "exported")]) == 0
+    for a, b in zip([load_file(root / "a/model/model.safetensors"), *_adapters(root / "a/model")],
+                    [load_file(tmp_path / "exported/model.safetensors"), *_adapters(tmp_path / "exported")]):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    s = rewardforge.load(tmp_path / "exported").score_detailed(PROMPTS, RESPONSES)
+    np.testing.assert_allclose(s.members, rewardforge.load(root / "a/model").score_detailed(PROMPTS, RESPONSES).members, atol=0)
